@@ -1,0 +1,13 @@
+"""keras_perceiver: the Perceiver family written once in Keras 3."""
+
+__version__ = "0.1.0"
+
+from keras_perceiver import layers, models
+from keras_perceiver.models import (
+    Perceiver,
+    PerceiverConfig,
+    PerceiverIO,
+    PerceiverIOConfig,
+    PerceiverResampler,
+    PerceiverResamplerConfig,
+)

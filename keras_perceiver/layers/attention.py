@@ -1,0 +1,209 @@
+"""The one attention function of the package and the projection layer around it."""
+
+import math
+
+import keras
+from keras import ops
+
+# Above this many keys the scores are computed block by block (online softmax), so
+# memory stays bounded whatever the input length.
+DEFAULT_CHUNK_THRESHOLD = 16384
+DEFAULT_CHUNK_SIZE = 4096
+
+
+def _expand_mask(key_mask, num_queries):
+    """(B, Tk) or (B, Tq, Tk) -> boolean (B, 1, Tq or 1, Tk), broadcastable over heads."""
+    key_mask = ops.cast(key_mask, "bool")
+    if len(key_mask.shape) == 2:
+        return key_mask[:, None, None, :]
+    if len(key_mask.shape) == 3:
+        return key_mask[:, None, :, :]
+    raise ValueError(
+        "attention: `key_mask` must have shape (batch, keys) or (batch, queries, keys); "
+        f"received shape {tuple(key_mask.shape)}"
+    )
+
+
+def _einsum_attention(query, key, value, mask, scale):
+    """Reference maths, used when q/k and v widths differ (fused kernels need them equal)."""
+    logits = ops.einsum("bqhd,bkhd->bhqk", query, key)
+    logits = ops.cast(logits, "float32") * scale
+    if mask is not None:
+        logits = ops.where(mask, logits, -1e30)
+    probs = ops.cast(ops.softmax(logits, axis=-1), value.dtype)
+    return ops.einsum("bhqk,bkhd->bqhd", probs, value)
+
+
+def _chunked_attention(query, key, value, mask, scale, chunk_size):
+    """Online softmax over key blocks: never holds more than (B, H, Tq, chunk) scores.
+
+    Equal to the unchunked result up to float32 rounding (running max and running sum).
+    """
+    num_keys = key.shape[1]
+    q = ops.cast(query, "float32") * scale
+    running_max = None
+    for start in range(0, num_keys, chunk_size):
+        stop = min(start + chunk_size, num_keys)
+        k = ops.cast(key[:, start:stop], "float32")
+        v = ops.cast(value[:, start:stop], "float32")
+        logits = ops.einsum("bqhd,bkhd->bhqk", q, k)
+        if mask is not None:
+            logits = ops.where(mask[..., start:stop], logits, -1e30)
+        block_max = ops.max(logits, axis=-1, keepdims=True)
+        if running_max is None:
+            new_max = block_max
+            probs = ops.exp(logits - new_max)
+            total = ops.sum(probs, axis=-1, keepdims=True)
+            acc = ops.einsum("bhqk,bkhd->bhqd", probs, v)
+        else:
+            new_max = ops.maximum(running_max, block_max)
+            correction = ops.exp(running_max - new_max)
+            probs = ops.exp(logits - new_max)
+            total = total * correction + ops.sum(probs, axis=-1, keepdims=True)
+            acc = acc * correction + ops.einsum("bhqk,bkhd->bhqd", probs, v)
+        running_max = new_max
+    out = acc / total
+    return ops.cast(ops.transpose(out, (0, 2, 1, 3)), value.dtype)
+
+
+def attention(
+    query,
+    key,
+    value,
+    key_mask=None,
+    chunk_threshold=DEFAULT_CHUNK_THRESHOLD,
+    chunk_size=DEFAULT_CHUNK_SIZE,
+):
+    """Scaled dot-product attention over heads, the only one the package uses.
+
+    Args:
+        query: (batch, queries, heads, qk_dim).
+        key: (batch, keys, heads, qk_dim).
+        value: (batch, keys, heads, v_dim); v_dim may differ from qk_dim.
+        key_mask: optional boolean, (batch, keys) or (batch, queries, keys); True = attend.
+            A query row whose keys are all masked returns zeros, never NaN.
+        chunk_threshold: above this many (static) keys, process keys in blocks of
+            `chunk_size` with an online softmax so score memory stays bounded.
+
+    Returns (batch, queries, heads, v_dim) in the dtype of `value`. Softmax runs in
+    float32 for half-precision inputs on every backend.
+    """
+    scale = 1.0 / math.sqrt(query.shape[-1])
+    mask = None
+    row_has_key = None
+    if key_mask is not None:
+        mask = _expand_mask(key_mask, query.shape[1])
+        # Unmask fully masked rows for the computation (no NaN anywhere, gradients
+        # included), then zero their output.
+        row_has_key = ops.any(mask, axis=-1, keepdims=True)  # (B, 1, Tq|1, 1)
+        mask = ops.logical_or(mask, ops.logical_not(row_has_key))
+
+    num_keys = key.shape[1]
+    if num_keys is not None and chunk_threshold and num_keys > chunk_threshold:
+        out = _chunked_attention(query, key, value, mask, scale, chunk_size)
+    elif query.shape[-1] == value.shape[-1]:
+        out = ops.dot_product_attention(query, key, value, mask=mask, scale=scale)
+    else:
+        out = _einsum_attention(query, key, value, mask, scale)
+
+    if row_has_key is not None:
+        keep = ops.transpose(row_has_key, (0, 2, 1, 3))  # (B, Tq|1, 1, 1)
+        out = ops.where(keep, out, ops.zeros_like(out))
+    return out
+
+
+class MultiHeadAttention(keras.layers.Layer):
+    """Projections around `attention`: queries from one input, keys/values from another.
+
+    Keys and values come from one fused projection (k half first); with
+    `self_attention=True` queries, keys and values come from one fused projection.
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        qk_channels,
+        v_channels,
+        output_channels,
+        use_bias=True,
+        self_attention=False,
+        chunk_threshold=DEFAULT_CHUNK_THRESHOLD,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        for arg, value in (("qk_channels", qk_channels), ("v_channels", v_channels)):
+            if value % num_heads:
+                raise ValueError(
+                    f"MultiHeadAttention: `{arg}` must be divisible by num_heads={num_heads}; "
+                    f"received {value}"
+                )
+        self.num_heads = num_heads
+        self.qk_channels = qk_channels
+        self.v_channels = v_channels
+        self.output_channels = output_channels
+        self.use_bias = use_bias
+        self.self_attention = self_attention
+        self.chunk_threshold = chunk_threshold
+
+    def _projection(self, name, fan_in, fan_out):
+        kernel = self.add_weight(
+            name=f"{name}_kernel",
+            shape=(fan_in, fan_out),
+            initializer=keras.initializers.TruncatedNormal(stddev=0.02),
+        )
+        bias = None
+        if self.use_bias:
+            bias = self.add_weight(name=f"{name}_bias", shape=(fan_out,), initializer="zeros")
+        return kernel, bias
+
+    def build(self, query_shape, context_shape=None):
+        qk, v = self.qk_channels, self.v_channels
+        if self.self_attention:
+            self.qkv = self._projection("qkv", query_shape[-1], 2 * qk + v)
+        else:
+            self.q = self._projection("q", query_shape[-1], qk)
+            self.kv = self._projection("kv", context_shape[-1], qk + v)
+        self.out = self._projection("out", v, self.output_channels)
+
+    @staticmethod
+    def _apply(x, projection):
+        kernel, bias = projection
+        y = ops.matmul(x, kernel)
+        return y if bias is None else y + bias
+
+    def _split_heads(self, x):
+        return ops.reshape(x, (ops.shape(x)[0], -1, self.num_heads, x.shape[-1] // self.num_heads))
+
+    def call(self, query, context=None, key_mask=None):
+        qk = self.qk_channels
+        if self.self_attention:
+            qkv = self._apply(query, self.qkv)
+            q, k, v = qkv[..., :qk], qkv[..., qk : 2 * qk], qkv[..., 2 * qk :]
+        else:
+            q = self._apply(query, self.q)
+            kv = self._apply(context, self.kv)
+            k, v = kv[..., :qk], kv[..., qk:]
+        out = attention(
+            self._split_heads(q),
+            self._split_heads(k),
+            self._split_heads(v),
+            key_mask=key_mask,
+            chunk_threshold=self.chunk_threshold,
+        )
+        out = ops.reshape(out, (ops.shape(out)[0], -1, self.v_channels))
+        return self._apply(out, self.out)
+
+    def compute_output_shape(self, query_shape, context_shape=None):
+        return tuple(query_shape[:-1]) + (self.output_channels,)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "qk_channels": self.qk_channels,
+            "v_channels": self.v_channels,
+            "output_channels": self.output_channels,
+            "use_bias": self.use_bias,
+            "self_attention": self.self_attention,
+            "chunk_threshold": self.chunk_threshold,
+        }

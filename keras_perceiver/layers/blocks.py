@@ -1,0 +1,174 @@
+"""Attention blocks: feed-forward, cross-attention and latent self-attention."""
+
+import keras
+from keras import ops
+
+from keras_perceiver.layers.attention import MultiHeadAttention
+
+LAYER_NORM_EPSILON = 1e-5  # what the reference checkpoints actually use
+
+
+def get_activation(name):
+    """GELU is the exact (erf) form, as in the references; `squared_relu` is Primer's."""
+    if name == "gelu":
+        return lambda x: keras.activations.gelu(x, approximate=False)
+    if name == "gelu_approximate":
+        return lambda x: keras.activations.gelu(x, approximate=True)
+    if name == "squared_relu":
+        return lambda x: ops.square(ops.relu(x))
+    if name == "relu":
+        return keras.activations.relu
+    raise ValueError(
+        "`activation` must be one of 'gelu', 'gelu_approximate', 'squared_relu', 'relu'; "
+        f"received {name!r}"
+    )
+
+
+def layer_norm(name, dtype=None):
+    return keras.layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, name=name, dtype=dtype)
+
+
+class FeedForward(keras.layers.Layer):
+    """LN -> Dense(widening * width) -> activation -> Dense(width). Returns the update only."""
+
+    def __init__(self, widening_factor=1, activation="gelu", use_bias=True, **kwargs):
+        super().__init__(**kwargs)
+        self.widening_factor = widening_factor
+        self.activation = activation
+        self.use_bias = use_bias
+        self._activation_fn = get_activation(activation)
+
+    def build(self, input_shape):
+        width = input_shape[-1]
+        self.norm = layer_norm("norm", self.dtype_policy)
+        self.dense_in = keras.layers.Dense(
+            width * self.widening_factor, use_bias=self.use_bias, name="dense_in", dtype=self.dtype_policy
+        )
+        self.dense_out = keras.layers.Dense(
+            width, use_bias=self.use_bias, name="dense_out", dtype=self.dtype_policy
+        )
+        self.norm.build(input_shape)
+        self.dense_in.build(input_shape)
+        self.dense_out.build(tuple(input_shape[:-1]) + (width * self.widening_factor,))
+
+    def call(self, x):
+        return self.dense_out(self._activation_fn(self.dense_in(self.norm(x))))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "widening_factor": self.widening_factor,
+            "activation": self.activation,
+            "use_bias": self.use_bias,
+        }
+
+
+class CrossAttentionBlock(keras.layers.Layer):
+    """Queries attend to a context (Perceiver read / Perceiver IO write).
+
+    `q = LN_q(queries)`, `k, v` from `LN_kv(context)`; q/k width defaults to the context
+    width and v width to the q/k width; output width is the query width. Then an optional
+    query residual and a residual feed-forward.
+    """
+
+    def __init__(
+        self,
+        num_heads=1,
+        qk_channels=None,
+        v_channels=None,
+        widening_factor=1,
+        use_query_residual=True,
+        activation="gelu",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.qk_channels = qk_channels
+        self.v_channels = v_channels
+        self.widening_factor = widening_factor
+        self.use_query_residual = use_query_residual
+        self.activation = activation
+
+    def build(self, queries_shape, context_shape):
+        qk = self.qk_channels or context_shape[-1]
+        v = self.v_channels or qk
+        self.query_norm = layer_norm("query_norm", self.dtype_policy)
+        self.context_norm = layer_norm("context_norm", self.dtype_policy)
+        self.attention = MultiHeadAttention(
+            self.num_heads, qk, v, queries_shape[-1], name="attention", dtype=self.dtype_policy
+        )
+        self.feed_forward = FeedForward(
+            self.widening_factor, self.activation, name="feed_forward", dtype=self.dtype_policy
+        )
+        self.query_norm.build(queries_shape)
+        self.context_norm.build(context_shape)
+        self.attention.build(queries_shape, context_shape)
+        self.feed_forward.build(queries_shape)
+
+    def call(self, queries, context, key_mask=None):
+        x = self.attention(self.query_norm(queries), self.context_norm(context), key_mask=key_mask)
+        if self.use_query_residual:
+            x = x + queries
+        return x + self.feed_forward(x)
+
+    def compute_output_shape(self, queries_shape, context_shape):
+        return queries_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "qk_channels": self.qk_channels,
+            "v_channels": self.v_channels,
+            "widening_factor": self.widening_factor,
+            "use_query_residual": self.use_query_residual,
+            "activation": self.activation,
+        }
+
+
+class SelfAttentionBlock(keras.layers.Layer):
+    """`x + Attn(LN(x))`, then `x + FF(x)`; q/k width defaults to the input width."""
+
+    def __init__(
+        self, num_heads=8, qk_channels=None, v_channels=None, widening_factor=1, activation="gelu", **kwargs
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.qk_channels = qk_channels
+        self.v_channels = v_channels
+        self.widening_factor = widening_factor
+        self.activation = activation
+
+    def build(self, input_shape):
+        qk = self.qk_channels or input_shape[-1]
+        v = self.v_channels or qk
+        self.norm = layer_norm("norm", self.dtype_policy)
+        self.attention = MultiHeadAttention(
+            self.num_heads, qk, v, input_shape[-1], self_attention=True, name="attention", dtype=self.dtype_policy
+        )
+        self.feed_forward = FeedForward(
+            self.widening_factor, self.activation, name="feed_forward", dtype=self.dtype_policy
+        )
+        self.norm.build(input_shape)
+        self.attention.build(input_shape)
+        self.feed_forward.build(input_shape)
+
+    def call(self, x):
+        x = x + self.attention(self.norm(x))
+        return x + self.feed_forward(x)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "qk_channels": self.qk_channels,
+            "v_channels": self.v_channels,
+            "widening_factor": self.widening_factor,
+            "activation": self.activation,
+        }

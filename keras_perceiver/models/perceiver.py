@@ -1,0 +1,180 @@
+"""Perceiver (classifier) and Perceiver IO (queried decoder) as functional models."""
+
+import dataclasses
+from typing import Optional
+
+import keras
+from keras import ops
+
+from keras_perceiver.layers.adapters import build_input_adapter
+from keras_perceiver.layers.blocks import CrossAttentionBlock
+from keras_perceiver.layers.encoder import EncoderConfig, PerceiverEncoder
+from keras_perceiver.layers.position_encoding import FourierPositionEncoding, TrainablePositionEncoding
+from keras_perceiver.models.base import ConfiguredModel, check_mask_matches
+
+
+def _default_input_adapter():
+    return {"type": "features", "input_channels": 3, "index_dims": [224, 224], "num_bands": 64}
+
+
+@dataclasses.dataclass
+class _ReadWriteConfig(EncoderConfig):
+    """Fields shared by Perceiver and Perceiver IO: the input adapter and the decoder."""
+
+    # {"type": "features", "input_channels": C, "index_dims": [...], ...FeatureAdapter args}
+    # or {"type": "tokens", "vocab_size": V, "channels": D, "max_positions": P}.
+    input_adapter: dict = dataclasses.field(default_factory=_default_input_adapter)
+    use_input_mask: bool = False
+    decoder_num_heads: int = 1
+    decoder_qk_channels: Optional[int] = None
+    decoder_v_channels: Optional[int] = None
+    decoder_widening_factor: int = 1
+    decoder_use_query_residual: bool = True
+
+    def validate(self):
+        super().validate()
+        if self.input_adapter.get("type") == "features" and not self.input_adapter.get("input_channels"):
+            raise ValueError(
+                "input_adapter of type 'features' needs `input_channels`; "
+                f"received {self.input_adapter}"
+            )
+
+
+def _encode(config, dtype):
+    """Named inputs -> adapter -> encoder. Returns (inputs dict, latents)."""
+    spec = config.input_adapter
+    if spec.get("type") == "tokens":
+        inputs = {"token_ids": keras.Input((None,), dtype="int32", name="token_ids")}
+        mask_shape = (None,)
+    else:
+        shape = tuple(spec.get("index_dims", [None])) + (spec["input_channels"],)
+        inputs = {"inputs": keras.Input(shape, name="inputs")}
+        mask_shape = shape[:-1]
+    if config.use_input_mask:
+        inputs["input_mask"] = keras.Input(mask_shape, dtype="bool", name="input_mask")
+    adapter = build_input_adapter(spec, dtype=dtype)
+    x = adapter(next(iter(inputs.values())))
+    mask = None
+    if config.use_input_mask:
+        mask = keras.layers.Reshape((-1,), name="flatten_mask")(inputs["input_mask"])
+    latents = PerceiverEncoder(config.encoder_config(), name="encoder", dtype=dtype)(x, input_mask=mask)
+    return inputs, latents
+
+
+def _decode(config, queries, latents, dtype):
+    return CrossAttentionBlock(
+        num_heads=config.decoder_num_heads,
+        qk_channels=config.decoder_qk_channels,
+        v_channels=config.decoder_v_channels,
+        widening_factor=config.decoder_widening_factor,
+        use_query_residual=config.decoder_use_query_residual,
+        activation=config.activation,
+        name="decoder",
+        dtype=dtype,
+    )(queries, latents)
+
+
+class _ReadWriteModel(ConfiguredModel):
+    def check_input_relations(self, inputs):
+        if "input_mask" in inputs:
+            data = "token_ids" if "token_ids" in inputs else "inputs"
+            data_shape = tuple(inputs[data].shape) + (() if data == "inputs" else (1,))
+            check_mask_matches(self, "input_mask", inputs["input_mask"].shape, data, data_shape)
+        spec = self.config.input_adapter
+        if "token_ids" in inputs and inputs["token_ids"].shape[1] is not None:
+            if inputs["token_ids"].shape[1] > spec["max_positions"]:
+                raise ValueError(
+                    f"{type(self).__name__}: input 'token_ids' may have at most max_positions="
+                    f"{spec['max_positions']} tokens; received shape {tuple(inputs['token_ids'].shape)}"
+                )
+
+    @property
+    def primary_input(self):
+        return "token_ids" if self.config.input_adapter.get("type") == "tokens" else "inputs"
+
+
+@dataclasses.dataclass
+class PerceiverConfig(_ReadWriteConfig):
+    num_classes: int = 1000
+    # "mean": average the latents (the Perceiver paper); "query": one learned query
+    # cross-attends the latents (the transformers classification decoder).
+    pooling: str = "mean"
+
+    def validate(self):
+        super().validate()
+        if self.pooling not in ("mean", "query"):
+            raise ValueError(f"`pooling` must be 'mean' or 'query'; received {self.pooling!r}")
+
+
+class Perceiver(_ReadWriteModel):
+    """Perceiver classifier: inputs -> latents -> pooled -> logits (batch, num_classes)."""
+
+    config_class = PerceiverConfig
+
+    @classmethod
+    def build_graph(cls, config, dtype):
+        inputs, latents = _encode(config, dtype)
+        if config.pooling == "mean":
+            pooled = ops.mean(latents, axis=1)
+        else:
+            query = TrainablePositionEncoding((1,), config.latent_channels, name="decoder_query", dtype=dtype)(latents)
+            pooled = _decode(config, query, latents, dtype)[:, 0]
+        logits = keras.layers.Dense(config.num_classes, name="logits", dtype=dtype)(pooled)
+        return inputs, logits
+
+
+def _default_output_queries():
+    return {"type": "learned", "num_queries": 1, "channels": 1280}
+
+
+@dataclasses.dataclass
+class PerceiverIOConfig(_ReadWriteConfig):
+    # {"type": "learned", "num_queries": O, "channels": C} or {"type": "fourier",
+    # "index_dims": [...], "num_bands": K, "max_resolution": [...], "concat_pos": bool,
+    # "sine_only": bool}: one query per output element.
+    output_queries: dict = dataclasses.field(default_factory=_default_output_queries)
+    output_channels: Optional[int] = None  # a final projection of the decoded queries
+
+    def validate(self):
+        super().validate()
+        kind = self.output_queries.get("type")
+        if kind not in ("learned", "fourier"):
+            raise ValueError(f"output_queries `type` must be 'learned' or 'fourier'; received {kind!r}")
+
+
+class PerceiverIO(_ReadWriteModel):
+    """Perceiver IO: inputs -> latents -> output queries cross-attend -> outputs.
+
+    Output: (batch, num_queries, channels), or (batch, *index_dims, channels) for Fourier
+    queries over an output grid.
+    """
+
+    config_class = PerceiverIOConfig
+
+    @classmethod
+    def build_graph(cls, config, dtype):
+        inputs, latents = _encode(config, dtype)
+        spec = dict(config.output_queries)
+        kind = spec.pop("type")
+        if kind == "learned":
+            index_dims = (spec["num_queries"],)
+            queries = TrainablePositionEncoding(index_dims, spec["channels"], name="output_queries", dtype=dtype)(
+                latents
+            )
+        else:
+            index_dims = tuple(spec["index_dims"])
+            queries = FourierPositionEncoding(
+                spec["num_bands"],
+                spec.get("max_resolution") or index_dims,
+                spec.get("concat_pos", True),
+                spec.get("sine_only", False),
+                index_dims=index_dims,
+                name="output_queries",
+                dtype=dtype,
+            )(latents)
+        outputs = _decode(config, queries, latents, dtype)
+        if config.output_channels:
+            outputs = keras.layers.Dense(config.output_channels, name="output_projection", dtype=dtype)(outputs)
+        if len(index_dims) > 1:
+            outputs = keras.layers.Reshape(index_dims + (outputs.shape[-1],), name="output_grid", dtype=dtype)(outputs)
+        return inputs, outputs
