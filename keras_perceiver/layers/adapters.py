@@ -12,6 +12,7 @@ from keras_perceiver.layers.position_encoding import (
 )
 
 
+@keras.saving.register_keras_serializable(package="keras_perceiver")
 class FeatureAdapter(keras.layers.Layer):
     """(batch, *index_dims, C) -> (batch, prod(index_dims), C').
 
@@ -118,6 +119,7 @@ class FeatureAdapter(keras.layers.Layer):
         }
 
 
+@keras.saving.register_keras_serializable(package="keras_perceiver")
 class TokenAdapter(keras.layers.Layer):
     """(batch, length) token ids -> embeddings + learned positions (first `length` of the table)."""
 

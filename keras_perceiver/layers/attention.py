@@ -112,6 +112,7 @@ def attention(
     return out
 
 
+@keras.saving.register_keras_serializable(package="keras_perceiver")
 class MultiHeadAttention(keras.layers.Layer):
     """Projections around `attention`: queries from one input, keys/values from another.
 

@@ -28,6 +28,7 @@ def layer_norm(name, dtype=None):
     return keras.layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, name=name, dtype=dtype)
 
 
+@keras.saving.register_keras_serializable(package="keras_perceiver")
 class FeedForward(keras.layers.Layer):
     """LN -> Dense(widening * width) -> activation -> Dense(width). Returns the update only."""
 
@@ -66,6 +67,7 @@ class FeedForward(keras.layers.Layer):
         }
 
 
+@keras.saving.register_keras_serializable(package="keras_perceiver")
 class CrossAttentionBlock(keras.layers.Layer):
     """Queries attend to a context (Perceiver read / Perceiver IO write).
 
@@ -129,6 +131,7 @@ class CrossAttentionBlock(keras.layers.Layer):
         }
 
 
+@keras.saving.register_keras_serializable(package="keras_perceiver")
 class SelfAttentionBlock(keras.layers.Layer):
     """`x + Attn(LN(x))`, then `x + FF(x)`; q/k width defaults to the input width."""
 

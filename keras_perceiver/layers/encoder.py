@@ -44,6 +44,7 @@ class EncoderConfig:
             )
 
 
+@keras.saving.register_keras_serializable(package="keras_perceiver")
 class PerceiverEncoder(keras.layers.Layer):
     """call(inputs (B, M, C), input_mask (B, M) or None) -> latents (B, num_latents, D).
 

@@ -7,6 +7,7 @@ from keras_perceiver.layers.attention import MultiHeadAttention
 from keras_perceiver.layers.blocks import FeedForward, layer_norm
 
 
+@keras.saving.register_keras_serializable(package="keras_perceiver")
 class GatedCrossAttentionBlock(keras.layers.Layer):
     """`x += tanh(alpha_attn) * XAttn(LN(x), media)`, then `x += tanh(alpha_ff) * FF(x)`.
 

@@ -48,6 +48,7 @@ def fourier_channels(num_axes, num_bands, concat_pos=True, sine_only=False):
     return num_axes * (num_bands * (1 if sine_only else 2) + (1 if concat_pos else 0))
 
 
+@keras.saving.register_keras_serializable(package="keras_perceiver")
 class FourierPositionEncoding(keras.layers.Layer):
     """Fourier features of a grid: the fixed `index_dims` if given, else the index axes of
     the input.
@@ -90,13 +91,15 @@ class FourierPositionEncoding(keras.layers.Layer):
         }
 
 
+@keras.saving.register_keras_serializable(package="keras_perceiver")
 class TrainablePositionEncoding(keras.layers.Layer):
     """A learned (prod(index_dims), channels) table.
 
     call(inputs, index_dims=None): on other index dims than it was built for, the
     table is either cut to the first positions (`resize="truncate"`, 1-D only, what the
     byte-level language model does for shorter texts) or bilinearly interpolated on the
-    grid (`resize="interpolate"`, 1-D or 2-D, to run an image model at another resolution).
+    grid (`resize="interpolate"`, 1-D or 2-D, half-pixel centres as torch's
+    `interpolate(align_corners=False)`, to run an image model at another resolution).
     """
 
     def __init__(self, index_dims, channels, resize="interpolate", **kwargs):

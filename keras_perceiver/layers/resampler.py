@@ -41,6 +41,7 @@ def interpolate_embeddings(table, length):
     return ops.take(table, low, axis=0) * (1 - weight) + ops.take(table, high, axis=0) * weight
 
 
+@keras.saving.register_keras_serializable(package="keras_perceiver")
 class ResamplerBlock(keras.layers.Layer):
     """Latents attend to `concat(LN_m(media), LN_l(latents))`, residual; then residual FF."""
 
@@ -92,6 +93,7 @@ class ResamplerBlock(keras.layers.Layer):
         }
 
 
+@keras.saving.register_keras_serializable(package="keras_perceiver")
 class Resampler(keras.layers.Layer):
     """call(media, media_mask=None) -> (B, T, num_latents, dim).
 

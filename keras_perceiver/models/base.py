@@ -102,15 +102,15 @@ class ConfiguredModel(keras.Model):
         return super().__call__(self.standardize_inputs(inputs), *args, **kwargs)
 
 
-def check_mask_matches(model, mask_name, mask_shape, input_name, input_shape):
-    """Raise if `mask_shape` is not `input_shape` without its channel axis."""
-    expected = tuple(input_shape[:-1])
+def check_mask_matches(model, mask_name, mask_shape, input_name, expected):
+    """Raise unless `mask_shape` equals `expected` (the shape of `input_name` it masks)."""
+    expected = tuple(expected)
     if len(mask_shape) != len(expected) or any(
         m is not None and e is not None and int(m) != int(e) for m, e in zip(mask_shape, expected)
     ):
         raise ValueError(
-            f"{type(model).__name__}: input '{mask_name}' must have the shape of '{input_name}' without "
-            f"its last axis, {_show(expected)}; received {_show(tuple(mask_shape))}"
+            f"{type(model).__name__}: input '{mask_name}' must have shape {_show(expected)} to match "
+            f"'{input_name}'; received {_show(tuple(mask_shape))}"
         )
 
 

@@ -78,8 +78,8 @@ class _ReadWriteModel(ConfiguredModel):
     def check_input_relations(self, inputs):
         if "input_mask" in inputs:
             data = "token_ids" if "token_ids" in inputs else "inputs"
-            data_shape = tuple(inputs[data].shape) + (() if data == "inputs" else (1,))
-            check_mask_matches(self, "input_mask", inputs["input_mask"].shape, data, data_shape)
+            expected = inputs[data].shape if data == "token_ids" else inputs[data].shape[:-1]
+            check_mask_matches(self, "input_mask", inputs["input_mask"].shape, data, expected)
         spec = self.config.input_adapter
         if "token_ids" in inputs and inputs["token_ids"].shape[1] is not None:
             if inputs["token_ids"].shape[1] > spec["max_positions"]:
@@ -106,6 +106,7 @@ class PerceiverConfig(_ReadWriteConfig):
             raise ValueError(f"`pooling` must be 'mean' or 'query'; received {self.pooling!r}")
 
 
+@keras.saving.register_keras_serializable(package="keras_perceiver")
 class Perceiver(_ReadWriteModel):
     """Perceiver classifier: inputs -> latents -> pooled -> logits (batch, num_classes)."""
 
@@ -142,6 +143,7 @@ class PerceiverIOConfig(_ReadWriteConfig):
             raise ValueError(f"output_queries `type` must be 'learned' or 'fourier'; received {kind!r}")
 
 
+@keras.saving.register_keras_serializable(package="keras_perceiver")
 class PerceiverIO(_ReadWriteModel):
     """Perceiver IO: inputs -> latents -> output queries cross-attend -> outputs.
 

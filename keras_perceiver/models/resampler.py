@@ -13,6 +13,7 @@ class PerceiverResamplerConfig(ResamplerConfig):
     use_media_mask: bool = False  # adds a `media_mask` input (True = real token)
 
 
+@keras.saving.register_keras_serializable(package="keras_perceiver")
 class PerceiverResampler(ConfiguredModel):
     """media (B, T, F, V, D) -> (B, T, num_latents, D).
 
@@ -48,7 +49,7 @@ class PerceiverResampler(ConfiguredModel):
                 f"received shape {tuple(inputs['media'].shape)}"
             )
         if "media_mask" in inputs:
-            check_mask_matches(self, "media_mask", inputs["media_mask"].shape, "media", inputs["media"].shape)
+            check_mask_matches(self, "media_mask", inputs["media_mask"].shape, "media", inputs["media"].shape[:-1])
             inputs["media_mask"] = Resampler.to_five_dims(inputs["media_mask"], has_features=False)
         if "media" in inputs:
             inputs["media"] = Resampler.to_five_dims(inputs["media"])

@@ -1,0 +1,89 @@
+"""Small configurations of each family and random inputs for them.
+
+Used by the main job (`keras-perceiver demo`), the tests and the benchmarks, so all three
+exercise the same models.
+"""
+
+import numpy as np
+
+from keras_perceiver.models import Perceiver, PerceiverIO, PerceiverResampler
+
+_ENCODER = dict(
+    num_latents=16,
+    latent_channels=64,
+    num_blocks=2,
+    num_self_attends_per_block=2,
+    num_self_attention_heads=4,
+    num_cross_attention_heads=1,
+)
+
+SMALL_MODELS = {
+    # image classifier with Fourier features and iterative reads (shared weights)
+    "perceiver": (
+        Perceiver,
+        dict(
+            _ENCODER,
+            input_adapter={"type": "features", "input_channels": 3, "index_dims": [16, 16], "num_bands": 8},
+            num_cross_attends=2,
+            num_classes=10,
+            use_input_mask=True,
+        ),
+    ),
+    # byte-level masked language model shape: uneven q/k and v widths
+    "perceiver_io": (
+        PerceiverIO,
+        dict(
+            _ENCODER,
+            input_adapter={"type": "tokens", "vocab_size": 262, "channels": 48, "max_positions": 128},
+            cross_attention_qk_channels=32,
+            cross_attention_v_channels=64,
+            self_attention_qk_channels=32,
+            output_queries={"type": "learned", "num_queries": 128, "channels": 48},
+            decoder_num_heads=2,
+            decoder_qk_channels=32,
+            decoder_v_channels=48,
+            decoder_use_query_residual=False,
+            output_channels=262,
+            use_input_mask=True,
+        ),
+    ),
+    "perceiver_resampler": (
+        PerceiverResampler,
+        dict(dim=64, depth=2, num_heads=4, head_channels=16, num_latents=8, num_media_embeds=4, max_num_frames=2),
+    ),
+}
+
+
+def build_small(name, **overrides):
+    model_class, config = SMALL_MODELS[name]
+    return model_class({**config, **overrides})
+
+
+def example_inputs(model, batch=2, length=None, seed=0):
+    """Random inputs for every named input of `model`.
+
+    Variable axes get `length` (default 24); masks are True except for the last quarter of
+    each sequence in the second example; token ids are valid ids.
+    """
+    rng = np.random.default_rng(seed)
+    shapes = {}
+    for name, tensor in model._inputs_struct.items():
+        dims = [batch] + [d if d is not None else (length or 24) for d in tensor.shape[1:]]
+        shapes[name] = dims
+    if "media" in shapes:
+        shapes["media"][1:4] = [2, 2, length or 12]  # T, F, V
+    result = {}
+    for name, dims in shapes.items():
+        if name == "token_ids":
+            vocab = model.config.input_adapter["vocab_size"]
+            result[name] = rng.integers(0, vocab, size=dims).astype("int32")
+        elif name.endswith("_mask"):
+            data_name = "media" if name == "media_mask" else next(n for n in shapes if not n.endswith("_mask"))
+            mask_dims = shapes[data_name][: len(dims)]
+            mask = np.ones(mask_dims, dtype=bool)
+            flat = mask.reshape(batch, -1)
+            flat[-1, -(flat.shape[1] // 4) :] = False
+            result[name] = flat.reshape(mask_dims)
+        else:
+            result[name] = rng.normal(size=dims).astype("float32")
+    return result

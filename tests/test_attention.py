@@ -1,0 +1,90 @@
+import keras
+import numpy as np
+import pytest
+from conftest import to_numpy
+from numpy_reference import softmax_attention
+
+from keras_perceiver.layers import MultiHeadAttention, attention
+
+
+def _qkv(v_dim, num_keys=11, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(2, 5, 3, 8)).astype("float32")
+    k = rng.normal(size=(2, num_keys, 3, 8)).astype("float32")
+    v = rng.normal(size=(2, num_keys, 3, v_dim)).astype("float32")
+    return q, k, v
+
+
+@pytest.mark.parametrize("v_dim", [8, 12], ids=["fused_kernel", "uneven_widths"])
+@pytest.mark.parametrize("mask_rank", [None, 2, 3])
+def test_attention_matches_numpy(v_dim, mask_rank):
+    q, k, v = _qkv(v_dim)
+    rng = np.random.default_rng(1)
+    mask = None
+    if mask_rank == 2:
+        mask = rng.random((2, 11)) > 0.3
+        expected = softmax_attention(q, k, v, mask[:, None, :])
+    elif mask_rank == 3:
+        mask = rng.random((2, 5, 11)) > 0.3
+        expected = softmax_attention(q, k, v, mask)
+    else:
+        expected = softmax_attention(q, k, v)
+    out = to_numpy(attention(q, k, v, key_mask=mask))
+    assert out.shape == (2, 5, 3, v_dim)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("v_dim", [8, 12])
+def test_fully_masked_row_is_zero_not_nan(v_dim):
+    q, k, v = _qkv(v_dim)
+    mask = np.ones((2, 5, 11), bool)
+    mask[0, 2] = False  # one query row sees nothing
+    mask[1] = False  # a whole example sees nothing
+    out = to_numpy(attention(q, k, v, key_mask=mask))
+    assert not np.isnan(out).any()
+    np.testing.assert_array_equal(out[0, 2], 0.0)
+    np.testing.assert_array_equal(out[1], 0.0)
+    np.testing.assert_allclose(out[0, 0], softmax_attention(q, k, v, mask)[0, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("v_dim", [8, 12])
+def test_chunked_path_equals_unchunked(v_dim):
+    q, k, v = _qkv(v_dim, num_keys=37)
+    mask = np.random.default_rng(2).random((2, 37)) > 0.2
+    mask[1, :] = False
+    mask[1, 30:] = True  # valid keys only in the last chunk
+    full = to_numpy(attention(q, k, v, key_mask=mask, chunk_threshold=None))
+    chunked = to_numpy(attention(q, k, v, key_mask=mask, chunk_threshold=8, chunk_size=5))
+    np.testing.assert_allclose(chunked, full, atol=1e-5)
+
+
+def test_chunked_path_under_jit():
+    rng = np.random.default_rng(3)
+    query_in = keras.Input((4, 16))
+    context_in = keras.Input((50, 16))
+    layer = MultiHeadAttention(2, 16, 16, 16, chunk_threshold=20)
+    model = keras.Model([query_in, context_in], layer(query_in, context_in))
+    x = [rng.normal(size=(2, 4, 16)).astype("float32"), rng.normal(size=(2, 50, 16)).astype("float32")]
+    eager = to_numpy(model(x))
+    layer.chunk_threshold = None  # same weights, unchunked
+    reference = to_numpy(model(x))
+    layer.chunk_threshold = 20
+    model.compile(jit_compile=True)
+    compiled = model.predict_on_batch(x)
+    np.testing.assert_allclose(eager, reference, atol=1e-5)
+    np.testing.assert_allclose(compiled, reference, atol=1e-5)
+
+
+def test_attention_in_bfloat16_returns_bfloat16_close_to_float32():
+    q, k, v = _qkv(8)
+    q16, k16, v16 = (keras.ops.cast(t, "bfloat16") for t in (q, k, v))
+    out = attention(q16, k16, v16)
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+    rounded = [to_numpy(keras.ops.cast(t, "float32")) for t in (q16, k16, v16)]
+    expected = softmax_attention(*rounded)
+    np.testing.assert_allclose(to_numpy(keras.ops.cast(out, "float32")), expected, atol=3e-2)
+
+
+def test_multi_head_attention_rejects_indivisible_widths():
+    with pytest.raises(ValueError, match="qk_channels.*divisible by num_heads=3.*received 16"):
+        MultiHeadAttention(3, 16, 15, 8)
