@@ -72,7 +72,11 @@ def interpolate_rows(table, length):
     return table[low] * (1 - w) + table[high] * w
 
 
-def resampler(layer, media, media_mask=None):
+def squared_relu(x):
+    return np.square(np.maximum(x, 0.0))
+
+
+def resampler(layer, media, media_mask=None, activation=gelu):
     """flamingo-pytorch's forward, written from REFERENCE.md. media (B, T, F, V, D)."""
     media = media.astype("float64")
     b, t, f, v, d = media.shape
@@ -92,6 +96,6 @@ def resampler(layer, media, media_mask=None):
         normed = layer_norm(latents, block.latents_norm)
         context = np.concatenate([layer_norm(x, block.media_norm), normed], axis=1)
         latents = latents + multi_head_attention(block.attention, normed, context, mask)
-        latents = latents + feed_forward(block.feed_forward, latents)
+        latents = latents + feed_forward(block.feed_forward, latents, activation)
     latents = layer_norm(latents, layer.norm)
     return latents.reshape(b, t, latents.shape[1], d)
