@@ -11,3 +11,4 @@ from keras_perceiver.models import (
     PerceiverResampler,
     PerceiverResamplerConfig,
 )
+from keras_perceiver.presets import from_preset, list_presets, save_to_preset

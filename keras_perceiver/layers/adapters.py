@@ -17,8 +17,9 @@ class FeatureAdapter(keras.layers.Layer):
     """(batch, *index_dims, C) -> (batch, prod(index_dims), C').
 
     An optional per-position linear projection (a 1x1 convolution), then position features:
-    `fourier` (concatenated), `trainable` (concatenated, or added with `combine="add"`),
-    or none. `index_dims` entries may be None (any length) for Fourier or no positions.
+    `fourier` or `trainable`, optionally linearly projected to `position_projection_channels`,
+    concatenated (or added with `combine="add"`); or none. `index_dims` entries may be None
+    (any length) for Fourier or no positions.
     """
 
     def __init__(
@@ -31,6 +32,7 @@ class FeatureAdapter(keras.layers.Layer):
         concat_pos=True,
         sine_only=False,
         position_channels=None,
+        position_projection_channels=None,
         combine="concat",
         **kwargs,
     ):
@@ -43,6 +45,7 @@ class FeatureAdapter(keras.layers.Layer):
         self.concat_pos = concat_pos
         self.sine_only = sine_only
         self.position_channels = position_channels
+        self.position_projection_channels = position_projection_channels
         self.combine = combine
         if position_encoding not in ("fourier", "trainable", None):
             raise ValueError(
@@ -72,11 +75,14 @@ class FeatureAdapter(keras.layers.Layer):
 
     def output_channels(self, input_channels):
         channels = self.project_channels or input_channels
-        if self.position_encoding == "fourier":
-            return channels + self.positions.channels
-        if self.position_encoding == "trainable" and self.combine == "concat":
-            return channels + self.position_channels
-        return channels
+        if self.position_encoding is None or self.combine == "add":
+            return channels
+        return channels + self._position_width()
+
+    def _position_width(self):
+        if self.position_projection_channels:
+            return self.position_projection_channels
+        return self.positions.channels
 
     def build(self, input_shape):
         if self.project_channels:
@@ -84,6 +90,11 @@ class FeatureAdapter(keras.layers.Layer):
             self.projection.build(input_shape)
         if self.position_encoding == "trainable":
             self.positions.build(input_shape)
+        if self.position_projection_channels:
+            self.position_projection = keras.layers.Dense(
+                self.position_projection_channels, name="position_projection", dtype=self.dtype_policy
+            )
+            self.position_projection.build((None, None, self.positions.channels))
 
     def call(self, inputs):
         x = self.projection(inputs) if self.project_channels else inputs
@@ -94,6 +105,8 @@ class FeatureAdapter(keras.layers.Layer):
             pos = self.positions(x)
         else:
             pos = self.positions(x, index_dims=tuple(x.shape[1:-1]))
+        if self.position_projection_channels:
+            pos = self.position_projection(pos)
         x = flat
         if self.combine == "add":
             return x + pos
@@ -115,6 +128,7 @@ class FeatureAdapter(keras.layers.Layer):
             "concat_pos": self.concat_pos,
             "sine_only": self.sine_only,
             "position_channels": self.position_channels,
+            "position_projection_channels": self.position_projection_channels,
             "combine": self.combine,
         }
 
@@ -173,3 +187,23 @@ def build_input_adapter(spec, dtype=None):
         raise ValueError(f"input_adapter `type` must be one of {sorted(ADAPTERS)}; received {kind!r}")
     spec.pop("input_channels", None)  # describes the model input, not the layer
     return ADAPTERS[kind](**spec, name="input_adapter", dtype=dtype)
+
+
+@keras.saving.register_keras_serializable(package="keras_perceiver")
+class TiedEmbeddingLogits(keras.layers.Layer):
+    """`x @ embedding.T + bias`: decoded queries -> token logits through the input embedding
+    (the masked language model's output). Built inside a model, never serialised alone."""
+
+    def __init__(self, embedding, **kwargs):
+        super().__init__(**kwargs)
+        self.embedding = embedding
+
+    def build(self, input_shape):
+        self.bias = self.add_weight(name="bias", shape=(self.embedding.input_dim,), initializer="zeros")
+
+    def call(self, x):
+        table = ops.cast(self.embedding.embeddings, x.dtype)
+        return ops.matmul(x, ops.transpose(table)) + ops.cast(self.bias, x.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.embedding.input_dim,)

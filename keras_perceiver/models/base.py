@@ -67,6 +67,19 @@ class ConfiguredModel(keras.Model):
         model.trainable = trainable
         return model
 
+    @classmethod
+    def from_preset(cls, name_or_path, load_weights=True, **overrides):
+        """`keras_perceiver.from_preset`, checking that the preset holds this class."""
+        from keras_perceiver.presets import from_preset
+
+        return from_preset(name_or_path, load_weights=load_weights, expected_class=cls, **overrides)
+
+    def save_to_preset(self, path, overwrite=False):
+        """Write a preset directory (`config.json`, `model.weights.h5`, `metadata.json`)."""
+        from keras_perceiver.presets import save_to_preset
+
+        return save_to_preset(self, path, overwrite=overwrite)
+
     # ----------------------------------------------------------------- input checks
     def standardize_inputs(self, inputs):
         """Dict of named inputs (a bare tensor goes to `primary_input`), validated."""

@@ -6,7 +6,7 @@ from typing import Optional
 import keras
 from keras import ops
 
-from keras_perceiver.layers.adapters import build_input_adapter
+from keras_perceiver.layers.adapters import TiedEmbeddingLogits, build_input_adapter
 from keras_perceiver.layers.blocks import CrossAttentionBlock
 from keras_perceiver.layers.encoder import EncoderConfig, PerceiverEncoder
 from keras_perceiver.layers.position_encoding import FourierPositionEncoding, TrainablePositionEncoding
@@ -41,7 +41,7 @@ class _ReadWriteConfig(EncoderConfig):
 
 
 def _encode(config, dtype):
-    """Named inputs -> adapter -> encoder. Returns (inputs dict, latents)."""
+    """Named inputs -> adapter -> encoder. Returns (inputs dict, latents, adapter)."""
     spec = config.input_adapter
     if spec.get("type") == "tokens":
         inputs = {"token_ids": keras.Input((None,), dtype="int32", name="token_ids")}
@@ -58,7 +58,7 @@ def _encode(config, dtype):
     if config.use_input_mask:
         mask = keras.layers.Reshape((-1,), name="flatten_mask")(inputs["input_mask"])
     latents = PerceiverEncoder(config.encoder_config(), name="encoder", dtype=dtype)(x, input_mask=mask)
-    return inputs, latents
+    return inputs, latents, adapter
 
 
 def _decode(config, queries, latents, dtype):
@@ -114,7 +114,7 @@ class Perceiver(_ReadWriteModel):
 
     @classmethod
     def build_graph(cls, config, dtype):
-        inputs, latents = _encode(config, dtype)
+        inputs, latents, _ = _encode(config, dtype)
         if config.pooling == "mean":
             pooled = ops.mean(latents, axis=1)
         else:
@@ -135,9 +135,18 @@ class PerceiverIOConfig(_ReadWriteConfig):
     # "sine_only": bool}: one query per output element.
     output_queries: dict = dataclasses.field(default_factory=_default_output_queries)
     output_channels: Optional[int] = None  # a final projection of the decoded queries
+    # Token logits through the input embedding plus a bias (the masked language model).
+    tie_output_to_input_embedding: bool = False
 
     def validate(self):
         super().validate()
+        if self.tie_output_to_input_embedding and (
+            self.input_adapter.get("type") != "tokens" or self.output_channels
+        ):
+            raise ValueError(
+                "`tie_output_to_input_embedding` needs a 'tokens' input_adapter and no output_channels; "
+                f"received input_adapter type {self.input_adapter.get('type')!r}, output_channels={self.output_channels}"
+            )
         kind = self.output_queries.get("type")
         if kind not in ("learned", "fourier"):
             raise ValueError(f"output_queries `type` must be 'learned' or 'fourier'; received {kind!r}")
@@ -155,7 +164,7 @@ class PerceiverIO(_ReadWriteModel):
 
     @classmethod
     def build_graph(cls, config, dtype):
-        inputs, latents = _encode(config, dtype)
+        inputs, latents, adapter = _encode(config, dtype)
         spec = dict(config.output_queries)
         kind = spec.pop("type")
         if kind == "learned":
@@ -177,6 +186,8 @@ class PerceiverIO(_ReadWriteModel):
         outputs = _decode(config, queries, latents, dtype)
         if config.output_channels:
             outputs = keras.layers.Dense(config.output_channels, name="output_projection", dtype=dtype)(outputs)
+        if config.tie_output_to_input_embedding:
+            outputs = TiedEmbeddingLogits(adapter.embedding, name="token_logits", dtype=dtype)(outputs)
         if len(index_dims) > 1:
             outputs = keras.layers.Reshape(index_dims + (outputs.shape[-1],), name="output_grid", dtype=dtype)(outputs)
         return inputs, outputs

@@ -1,0 +1,214 @@
+"""Import transformers Perceiver checkpoints (a model instance or a `save_pretrained` dir).
+
+Supported heads: PerceiverForMaskedLM, PerceiverForImageClassificationLearned,
+PerceiverForImageClassificationFourier. Images are channels-last here (B, H, W, C), where
+transformers takes (B, C, H, W).
+"""
+
+import numpy as np
+
+from keras_perceiver.converters.common import assign_by_path, linear, to_numpy
+
+SUPPORTED = (
+    "PerceiverForMaskedLM",
+    "PerceiverForImageClassificationLearned",
+    "PerceiverForImageClassificationFourier",
+)
+
+
+def _encoder_config(hf):
+    return dict(
+        num_latents=hf.num_latents,
+        latent_channels=hf.d_latents,
+        num_blocks=hf.num_blocks,
+        num_self_attends_per_block=hf.num_self_attends_per_block,
+        num_self_attention_heads=hf.num_self_attention_heads,
+        num_cross_attention_heads=hf.num_cross_attention_heads,
+        self_attention_qk_channels=hf.qk_channels,
+        self_attention_v_channels=hf.v_channels,
+        cross_attention_qk_channels=hf.qk_channels,
+        cross_attention_v_channels=hf.v_channels,
+        self_attention_widening_factor=hf.self_attention_widening_factor,
+        cross_attention_widening_factor=hf.cross_attention_widening_factor,
+        use_query_residual=hf.use_query_residual,
+        activation={"gelu": "gelu", "gelu_new": "gelu_approximate", "relu": "relu"}[hf.hidden_act],
+    )
+
+
+def config_from_transformers(hf_model):
+    """-> (keras_perceiver class name, config dict) for a supported transformers model."""
+    kind = type(hf_model).__name__
+    hf = hf_model.config
+    config = _encoder_config(hf)
+    if kind == "PerceiverForMaskedLM":
+        decoder = hf_model.perceiver.decoder
+        attention = decoder.decoding_cross_attention.attention.self
+        config.update(
+            input_adapter={
+                "type": "tokens",
+                "vocab_size": hf.vocab_size,
+                "channels": hf.d_model,
+                "max_positions": hf.max_position_embeddings,
+            },
+            output_queries={"type": "learned", "num_queries": hf.max_position_embeddings, "channels": hf.d_model},
+            decoder_num_heads=attention.num_heads,
+            decoder_qk_channels=attention.qk_channels,
+            decoder_v_channels=attention.v_channels,
+            decoder_use_query_residual=decoder.decoding_cross_attention.attention.use_query_residual,
+            tie_output_to_input_embedding=True,
+            use_input_mask=True,
+        )
+        return "PerceiverIO", config
+    if kind in ("PerceiverForImageClassificationLearned", "PerceiverForImageClassificationFourier"):
+        prep = hf_model.perceiver.input_preprocessor
+        size = hf.image_size
+        if kind.endswith("Learned"):
+            adapter = {
+                "type": "features",
+                "input_channels": prep.in_channels,
+                "index_dims": [size, size],
+                "project_channels": prep.out_channels,
+                "position_encoding": "trainable",
+                "position_channels": prep.position_embeddings.output_size(),
+                "position_projection_channels": prep.project_pos_dim if prep.project_pos_dim > 0 else None,
+            }
+        else:
+            pe = prep.position_embeddings
+            adapter = {
+                "type": "features",
+                "input_channels": prep.in_channels,
+                "index_dims": [size, size],
+                "position_encoding": "fourier",
+                "num_bands": pe.num_bands,
+                "max_resolution": list(pe.max_resolution),
+                "concat_pos": pe.concat_pos,
+                "sine_only": pe.sine_only,
+            }
+        decoder = hf_model.perceiver.decoder.decoder
+        attention = decoder.decoding_cross_attention.attention.self
+        config.update(
+            input_adapter=adapter,
+            num_classes=hf.num_labels,
+            pooling="query",
+            decoder_num_heads=attention.num_heads,
+            decoder_qk_channels=attention.qk_channels,
+            decoder_v_channels=attention.v_channels,
+            decoder_use_query_residual=decoder.decoding_cross_attention.attention.use_query_residual,
+        )
+        return "Perceiver", config
+    raise ValueError(f"transformers model class must be one of {SUPPORTED}; received {kind}")
+
+
+def _layer(sd, prefix, ours, cross):
+    """A transformers PerceiverLayer -> our Cross/SelfAttentionBlock variable paths."""
+    a = prefix + "attention.self."
+    q, qb = linear(sd[a + "query.weight"], sd[a + "query.bias"])
+    k, kb = linear(sd[a + "key.weight"], sd[a + "key.bias"])
+    v, vb = linear(sd[a + "value.weight"], sd[a + "value.bias"])
+    out, outb = linear(sd[prefix + "attention.output.dense.weight"], sd[prefix + "attention.output.dense.bias"])
+    d_in, d_inb = linear(sd[prefix + "mlp.dense1.weight"], sd[prefix + "mlp.dense1.bias"])
+    d_out, d_outb = linear(sd[prefix + "mlp.dense2.weight"], sd[prefix + "mlp.dense2.bias"])
+
+    values = {
+        ours + "attention/out_kernel": out,
+        ours + "attention/out_bias": outb,
+        ours + "feed_forward/norm/gamma": to_numpy(sd[prefix + "layernorm.weight"]),
+        ours + "feed_forward/norm/beta": to_numpy(sd[prefix + "layernorm.bias"]),
+        ours + "feed_forward/dense_in/kernel": d_in,
+        ours + "feed_forward/dense_in/bias": d_inb,
+        ours + "feed_forward/dense_out/kernel": d_out,
+        ours + "feed_forward/dense_out/bias": d_outb,
+    }
+    if cross:
+        values.update(
+            {
+                ours + "query_norm/gamma": to_numpy(sd[a + "layernorm1.weight"]),
+                ours + "query_norm/beta": to_numpy(sd[a + "layernorm1.bias"]),
+                ours + "context_norm/gamma": to_numpy(sd[a + "layernorm2.weight"]),
+                ours + "context_norm/beta": to_numpy(sd[a + "layernorm2.bias"]),
+                ours + "attention/q_kernel": q,
+                ours + "attention/q_bias": qb,
+                ours + "attention/kv_kernel": np.concatenate([k, v], axis=1),
+                ours + "attention/kv_bias": np.concatenate([kb, vb]),
+            }
+        )
+    else:
+        values.update(
+            {
+                ours + "norm/gamma": to_numpy(sd[a + "layernorm1.weight"]),
+                ours + "norm/beta": to_numpy(sd[a + "layernorm1.bias"]),
+                ours + "attention/qkv_kernel": np.concatenate([q, k, v], axis=1),
+                ours + "attention/qkv_bias": np.concatenate([qb, kb, vb]),
+            }
+        )
+    return values
+
+
+def weights_from_transformers(hf_model, config):
+    """{our variable path: array} for a supported transformers model."""
+    kind = type(hf_model).__name__
+    sd = hf_model.state_dict()
+    values = {"encoder/latents": to_numpy(sd["perceiver.embeddings.latents"])}
+    values.update(_layer(sd, "perceiver.encoder.cross_attention.", "encoder/cross_attend/", cross=True))
+    for i in range(config["num_self_attends_per_block"]):
+        values.update(_layer(sd, f"perceiver.encoder.self_attends.{i}.", f"encoder/self_attend_{i}/", cross=False))
+    if kind == "PerceiverForMaskedLM":
+        prep, dec = "perceiver.input_preprocessor.", "perceiver.decoder."
+        values.update(
+            {
+                "input_adapter/embedding/embeddings": to_numpy(sd[prep + "embeddings.weight"]),
+                "input_adapter/positions/embeddings": to_numpy(sd[prep + "position_embeddings.weight"]),
+                "output_queries/embeddings": to_numpy(sd[dec + "output_position_encodings.position_embeddings"]),
+                "token_logits/bias": to_numpy(sd["embedding_decoder.bias"]),
+            }
+        )
+        values.update(_layer(sd, dec + "decoding_cross_attention.", "decoder/", cross=True))
+        return values
+    prep, dec = "perceiver.input_preprocessor.", "perceiver.decoder.decoder."
+    if kind.endswith("Learned"):
+        conv = to_numpy(sd[prep + "convnet_1x1.weight"])  # (out, in, 1, 1)
+        values.update(
+            {
+                "input_adapter/projection/kernel": conv[:, :, 0, 0].T,
+                "input_adapter/projection/bias": to_numpy(sd[prep + "convnet_1x1.bias"]),
+                "input_adapter/trainable/embeddings": to_numpy(sd[prep + "position_embeddings.position_embeddings"]),
+            }
+        )
+        if prep + "positions_projection.weight" in sd:
+            kernel, bias = linear(sd[prep + "positions_projection.weight"], sd[prep + "positions_projection.bias"])
+            values.update({"input_adapter/position_projection/kernel": kernel, "input_adapter/position_projection/bias": bias})
+    logits, logits_bias = linear(sd[dec + "final_layer.weight"], sd[dec + "final_layer.bias"])
+    values.update(
+        {
+            "decoder_query/embeddings": to_numpy(sd[dec + "output_position_encodings.position_embeddings"]),
+            "logits/kernel": logits,
+            "logits/bias": logits_bias,
+        }
+    )
+    values.update(_layer(sd, dec + "decoding_cross_attention.", "decoder/", cross=True))
+    return values
+
+
+def load_transformers_model(model_or_path):
+    """A transformers model instance, or a directory written by `save_pretrained`."""
+    if not isinstance(model_or_path, (str, bytes)) and not hasattr(model_or_path, "__fspath__"):
+        return model_or_path
+    try:
+        import transformers
+    except ImportError as error:
+        raise ImportError("Converting transformers checkpoints needs: pip install 'keras-perceiver[convert]'") from error
+    config = transformers.AutoConfig.from_pretrained(model_or_path)
+    architecture = (config.architectures or [None])[0]
+    if architecture not in SUPPORTED:
+        raise ValueError(f"checkpoint architecture must be one of {SUPPORTED}; received {architecture}")
+    return getattr(transformers, architecture).from_pretrained(model_or_path).eval()
+
+
+def from_transformers(model_or_path):
+    """Convert a transformers Perceiver model (instance or directory) to a keras_perceiver model."""
+    from keras_perceiver.presets import MODEL_CLASSES
+
+    hf_model = load_transformers_model(model_or_path)
+    class_name, config = config_from_transformers(hf_model)
+    model = MODEL_CLASSES[class_name](config)
+    return assign_by_path(model, weights_from_transformers(hf_model, config))

@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+import torch
+from conftest import to_numpy
+
+from keras_perceiver.converters.transformers_perceiver import from_transformers
+
+transformers = pytest.importorskip("transformers", reason="needs the test extra (transformers)")
+
+ENCODERS = {
+    "uneven_widths": dict(d_latents=48, num_latents=8, num_blocks=2, num_self_attends_per_block=2,
+                          num_self_attention_heads=4, num_cross_attention_heads=2, qk_channels=16, v_channels=48),
+    "defaults_widening": dict(d_latents=32, num_latents=6, num_blocks=3, num_self_attends_per_block=1,
+                              num_self_attention_heads=2, num_cross_attention_heads=1,
+                              self_attention_widening_factor=2, cross_attention_widening_factor=3),
+}
+
+
+def _perturbed(model, seed=0):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("encoder", list(ENCODERS))
+def test_masked_lm_parity(encoder, tmp_path):
+    config = transformers.PerceiverConfig(d_model=32, vocab_size=262, max_position_embeddings=40, **ENCODERS[encoder])
+    reference = _perturbed(transformers.PerceiverForMaskedLM(config))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 262, size=(2, 40)).astype("int64")
+    mask = np.ones((2, 40), "int64")
+    mask[1, 25:] = 0
+    with torch.no_grad():
+        expected = reference(inputs=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    reference.save_pretrained(tmp_path)
+    for source in (reference, str(tmp_path)):
+        model = from_transformers(source)
+        out = to_numpy(model({"token_ids": ids.astype("int32"), "input_mask": mask.astype(bool)}))
+        assert out.shape == expected.shape == (2, 40, 262)
+        assert np.abs(out - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize("head", ["Learned", "Fourier"])
+@pytest.mark.parametrize("encoder", list(ENCODERS))
+def test_image_classification_parity(head, encoder):
+    config = transformers.PerceiverConfig(image_size=8, num_labels=5, d_model=32, **ENCODERS[encoder])
+    reference = _perturbed(getattr(transformers, f"PerceiverForImageClassification{head}")(config))
+    pixels = np.random.default_rng(1).normal(size=(2, 3, 8, 8)).astype("float32")
+    with torch.no_grad():
+        expected = reference(inputs=torch.from_numpy(pixels)).logits.numpy()
+    model = from_transformers(reference)
+    out = to_numpy(model(pixels.transpose(0, 2, 3, 1)))  # channels-last here
+    assert out.shape == expected.shape == (2, 5)
+    assert np.abs(out - expected).max() <= 1e-4
+
+
+def test_unsupported_head_is_refused():
+    config = transformers.PerceiverConfig(d_latents=32, num_latents=4, num_self_attends_per_block=1, d_model=32)
+    with pytest.raises(ValueError, match="must be one of.*received PerceiverForSequenceClassification"):
+        from_transformers(transformers.PerceiverForSequenceClassification(config))
