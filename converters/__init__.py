@@ -1,4 +1,35 @@
-"""Artefact export and checkpoint import (keras_perceiver.converters).
+"""Checkpoint import (and, later, artefact export): keras_perceiver.converters.
 
-Converters take a `keras.Model` (or a preset name) and never import model internals.
+Converters take a `keras.Model` or a checkpoint and never import model internals: weights
+are matched to the model's variable paths.
 """
+
+from pathlib import Path
+
+STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def convert_checkpoint(source, out, num_heads=8, overwrite=False):
+    """Convert `source` and write a preset directory at `out` (see `save_to_preset`).
+
+    `source`: a flamingo-pytorch / OpenFlamingo state dict file (`.pt`, `.pth`, `.bin`),
+    or a transformers Perceiver checkpoint (a `save_pretrained` directory or a hub id,
+    which needs the hub to be reachable).
+    """
+    from keras_perceiver.presets import save_to_preset
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"convert: {str(out)!r} exists; pass overwrite=True (--overwrite) to replace it")
+    if str(source).endswith(STATE_DICT_SUFFIXES):
+        import torch
+
+        from keras_perceiver.converters.flamingo import resampler_from_state_dict
+
+        state = torch.load(source, map_location="cpu", weights_only=True)
+        model = resampler_from_state_dict(state, num_heads=num_heads)
+    else:
+        from keras_perceiver.converters.transformers_perceiver import from_transformers
+
+        model = from_transformers(str(source))
+    return save_to_preset(model, out, overwrite=overwrite, source=str(source))

@@ -1,7 +1,7 @@
 """Import transformers Perceiver checkpoints (a model instance or a `save_pretrained` dir).
 
 Supported heads: PerceiverForMaskedLM, PerceiverForImageClassificationLearned,
-PerceiverForImageClassificationFourier. Images are channels-last here (B, H, W, C), where
+PerceiverForImageClassificationFourier, PerceiverForImageClassificationConvProcessing. Images are channels-last here (B, H, W, C), where
 transformers takes (B, C, H, W).
 """
 
@@ -13,7 +13,9 @@ SUPPORTED = (
     "PerceiverForMaskedLM",
     "PerceiverForImageClassificationLearned",
     "PerceiverForImageClassificationFourier",
+    "PerceiverForImageClassificationConvProcessing",
 )
+IMAGE_CLASSIFIERS = SUPPORTED[1:]
 
 
 def _encoder_config(hf):
@@ -59,7 +61,7 @@ def config_from_transformers(hf_model):
             use_input_mask=True,
         )
         return "PerceiverIO", config
-    if kind in ("PerceiverForImageClassificationLearned", "PerceiverForImageClassificationFourier"):
+    if kind in IMAGE_CLASSIFIERS:
         prep = hf_model.perceiver.input_preprocessor
         size = hf.image_size
         if kind.endswith("Learned"):
@@ -78,6 +80,7 @@ def config_from_transformers(hf_model):
                 "type": "features",
                 "input_channels": prep.in_channels,
                 "index_dims": [size, size],
+                "conv_stem_channels": prep.out_channels if prep.prep_type == "conv" else None,
                 "position_encoding": "fourier",
                 "num_bands": pe.num_bands,
                 "max_resolution": list(pe.max_resolution),
@@ -177,6 +180,17 @@ def weights_from_transformers(hf_model, config):
         if prep + "positions_projection.weight" in sd:
             kernel, bias = linear(sd[prep + "positions_projection.weight"], sd[prep + "positions_projection.bias"])
             values.update({"input_adapter/position_projection/kernel": kernel, "input_adapter/position_projection/bias": bias})
+    if kind.endswith("ConvProcessing"):
+        stem = prep + "convnet."
+        values.update(
+            {
+                "input_adapter/stem_conv/kernel": to_numpy(sd[stem + "conv.weight"]).transpose(2, 3, 1, 0),
+                "input_adapter/stem_norm/gamma": to_numpy(sd[stem + "batchnorm.weight"]),
+                "input_adapter/stem_norm/beta": to_numpy(sd[stem + "batchnorm.bias"]),
+                "input_adapter/stem_norm/moving_mean": to_numpy(sd[stem + "batchnorm.running_mean"]),
+                "input_adapter/stem_norm/moving_variance": to_numpy(sd[stem + "batchnorm.running_var"]),
+            }
+        )
     logits, logits_bias = linear(sd[dec + "final_layer.weight"], sd[dec + "final_layer.bias"])
     values.update(
         {

@@ -34,6 +34,20 @@ def main(argv=None):
     )
     demo.add_argument("--repeats", type=int, default=10, help="timed calls per cell (median reported)")
 
+    zoo = commands.add_parser("zoo", help="list the presets (pattern with wildcards), or print the README table")
+    zoo.add_argument("pattern", nargs="?", default=None)
+    zoo.add_argument("--markdown", action="store_true", help="print the README zoo table")
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert a checkpoint into a preset directory: a transformers Perceiver (hub id or "
+        "save_pretrained directory) or a flamingo-pytorch / OpenFlamingo resampler state dict (.pt/.pth/.bin)",
+    )
+    convert.add_argument("source")
+    convert.add_argument("out")
+    convert.add_argument("--num-heads", type=int, default=8, help="resampler heads (not stored in a state dict)")
+    convert.add_argument("--overwrite", action="store_true")
+
     worker = commands.add_parser("demo-worker", help=argparse.SUPPRESS)
     worker.add_argument("workdir")
     worker.add_argument("--reference", action="store_true")
@@ -48,6 +62,22 @@ def main(argv=None):
         print(demo_module.format_table(rows, backends[0]))
         worst = max(r["parity"] for r in rows)
         print(f"\nlargest cross-backend difference: {worst:.2e} (float32)")
+        return 0
+    if args.command == "zoo":
+        from keras_perceiver import presets
+
+        if args.markdown:
+            print(presets.zoo_table())
+        else:
+            for name in presets.list_presets(args.pattern):
+                entry = presets.zoo_entries()[name]
+                print(f"{name:28s} {entry['class_name']:20s} {entry['parameter_count'] / 1e6:8.1f} M  {entry['description']}")
+        return 0
+    if args.command == "convert":
+        from keras_perceiver.converters import convert_checkpoint
+
+        path = convert_checkpoint(args.source, args.out, num_heads=args.num_heads, overwrite=args.overwrite)
+        print(f"wrote {path}; load it with keras_perceiver.from_preset({str(path)!r})")
         return 0
     if args.command == "demo-worker":
         from keras_perceiver import demo as demo_module

@@ -55,14 +55,14 @@ def download_from_hub(handle):
     return snapshot_download(handle[len(HF_PREFIX) :])
 
 
-def resolve_preset(name_or_path, downloader=download_from_hub):
+def resolve_preset(name_or_path, downloader=None):
     """-> ("zoo", entry) or ("directory", Path). Raises ValueError naming close matches."""
     name_or_path = os.fspath(name_or_path)
     entries = zoo_entries()
     if name_or_path in entries:
         return "zoo", entries[name_or_path]
     if name_or_path.startswith(HF_PREFIX):
-        return "directory", Path(downloader(name_or_path))
+        return "directory", Path((downloader or download_from_hub)(name_or_path))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / CONFIG_FILE).is_file():

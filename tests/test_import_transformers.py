@@ -42,12 +42,19 @@ def test_masked_lm_parity(encoder, tmp_path):
         assert np.abs(out - expected).max() <= 1e-4
 
 
-@pytest.mark.parametrize("head", ["Learned", "Fourier"])
+@pytest.mark.parametrize("head", ["Learned", "Fourier", "ConvProcessing"])
 @pytest.mark.parametrize("encoder", list(ENCODERS))
 def test_image_classification_parity(head, encoder):
-    config = transformers.PerceiverConfig(image_size=8, num_labels=5, d_model=32, **ENCODERS[encoder])
-    reference = _perturbed(getattr(transformers, f"PerceiverForImageClassification{head}")(config))
-    pixels = np.random.default_rng(1).normal(size=(2, 3, 8, 8)).astype("float32")
+    size = 20 if head == "ConvProcessing" else 8  # the conv stem: 20 -> 10 -> 4
+    config = transformers.PerceiverConfig(image_size=size, num_labels=5, d_model=32, **ENCODERS[encoder])
+    reference = getattr(transformers, f"PerceiverForImageClassification{head}")(config)
+    if head == "ConvProcessing":  # non-trivial batch-norm statistics
+        norm = reference.perceiver.input_preprocessor.convnet.batchnorm
+        with torch.no_grad():
+            norm.running_mean.normal_(0, 0.3)
+            norm.running_var.uniform_(0.5, 2.0)
+    reference = _perturbed(reference)
+    pixels = np.random.default_rng(1).normal(size=(2, 3, size, size)).astype("float32")
     with torch.no_grad():
         expected = reference(inputs=torch.from_numpy(pixels)).logits.numpy()
     model = from_transformers(reference)

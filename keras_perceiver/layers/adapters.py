@@ -16,7 +16,9 @@ from keras_perceiver.layers.position_encoding import (
 class FeatureAdapter(keras.layers.Layer):
     """(batch, *index_dims, C) -> (batch, prod(index_dims), C').
 
-    An optional per-position linear projection (a 1x1 convolution), then position features:
+    An optional convolutional stem (`conv_stem_channels`: 7x7 stride-2 convolution padded 3,
+    batch norm, ReLU, 3x3 stride-2 max pool: 224 -> 112 -> 55, as transformers' conv
+    checkpoint), an optional per-position linear projection (a 1x1 convolution), then position features:
     `fourier` or `trainable`, optionally linearly projected to `position_projection_channels`,
     concatenated (or added with `combine="add"`); or none. `index_dims` entries may be None
     (any length) for Fourier or no positions.
@@ -25,6 +27,7 @@ class FeatureAdapter(keras.layers.Layer):
     def __init__(
         self,
         index_dims,
+        conv_stem_channels=None,
         project_channels=None,
         position_encoding="fourier",
         num_bands=64,
@@ -38,6 +41,7 @@ class FeatureAdapter(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         self.index_dims = tuple(index_dims)
+        self.conv_stem_channels = conv_stem_channels
         self.project_channels = project_channels
         self.position_encoding = position_encoding
         self.num_bands = num_bands
@@ -64,6 +68,8 @@ class FeatureAdapter(keras.layers.Layer):
                 num_bands, resolution, concat_pos, sine_only, name="fourier", dtype=self.dtype_policy
             )
         elif position_encoding == "trainable":
+            if conv_stem_channels:
+                raise ValueError("FeatureAdapter: `conv_stem_channels` works with Fourier positions or none")
             if None in self.index_dims or not position_channels:
                 raise ValueError(
                     "FeatureAdapter: trainable positions need static `index_dims` and `position_channels`; "
@@ -74,7 +80,7 @@ class FeatureAdapter(keras.layers.Layer):
             )
 
     def output_channels(self, input_channels):
-        channels = self.project_channels or input_channels
+        channels = self.project_channels or self.conv_stem_channels or input_channels
         if self.position_encoding is None or self.combine == "add":
             return channels
         return channels + self._position_width()
@@ -85,6 +91,20 @@ class FeatureAdapter(keras.layers.Layer):
         return self.positions.channels
 
     def build(self, input_shape):
+        if self.conv_stem_channels:
+            policy = self.dtype_policy
+            self.stem = [
+                keras.layers.ZeroPadding2D(3, name="stem_pad", dtype=policy),
+                keras.layers.Conv2D(self.conv_stem_channels, 7, strides=2, use_bias=False, name="stem_conv", dtype=policy),
+                keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name="stem_norm", dtype=policy),
+                keras.layers.ReLU(name="stem_relu", dtype=policy),
+                keras.layers.MaxPooling2D(3, strides=2, name="stem_pool", dtype=policy),
+            ]
+            shape = input_shape
+            for layer in self.stem:
+                layer.build(shape)
+                shape = layer.compute_output_shape(shape)
+            input_shape = shape
         if self.project_channels:
             self.projection = keras.layers.Dense(self.project_channels, name="projection", dtype=self.dtype_policy)
             self.projection.build(input_shape)
@@ -97,7 +117,10 @@ class FeatureAdapter(keras.layers.Layer):
             self.position_projection.build((None, None, self.positions.channels))
 
     def call(self, inputs):
-        x = self.projection(inputs) if self.project_channels else inputs
+        x = inputs
+        for layer in getattr(self, "stem", ()):
+            x = layer(x)
+        x = self.projection(x) if self.project_channels else x
         flat = ops.reshape(x, (ops.shape(x)[0], -1, x.shape[-1]))
         if self.position_encoding is None:
             return flat
@@ -114,6 +137,8 @@ class FeatureAdapter(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         dims = input_shape[1:-1]
+        if self.conv_stem_channels and None not in dims:
+            dims = [((d + 6 - 7) // 2 + 1 - 3) // 2 + 1 for d in dims]
         length = None if None in dims else math.prod(dims)
         return (input_shape[0], length, self.output_channels(input_shape[-1]))
 
@@ -121,6 +146,7 @@ class FeatureAdapter(keras.layers.Layer):
         return {
             **super().get_config(),
             "index_dims": list(self.index_dims),
+            "conv_stem_channels": self.conv_stem_channels,
             "project_channels": self.project_channels,
             "position_encoding": self.position_encoding,
             "num_bands": self.num_bands,

@@ -15,9 +15,9 @@ def _expand_mask(key_mask, num_queries):
     """(B, Tk) or (B, Tq, Tk) -> boolean (B, 1, Tq or 1, Tk), broadcastable over heads."""
     key_mask = ops.cast(key_mask, "bool")
     if len(key_mask.shape) == 2:
-        return key_mask[:, None, None, :]
+        return ops.expand_dims(key_mask, (1, 2))
     if len(key_mask.shape) == 3:
-        return key_mask[:, None, :, :]
+        return ops.expand_dims(key_mask, 1)
     raise ValueError(
         "attention: `key_mask` must have shape (batch, keys) or (batch, queries, keys); "
         f"received shape {tuple(key_mask.shape)}"
@@ -48,7 +48,7 @@ def _chunked_attention(query, key, value, mask, scale, chunk_size):
         v = ops.cast(value[:, start:stop], "float32")
         logits = ops.einsum("bqhd,bkhd->bhqk", q, k)
         if mask is not None:
-            logits = ops.where(mask[..., start:stop], logits, -1e30)
+            logits = ops.where(mask[:, :, :, start:stop], logits, -1e30)
         block_max = ops.max(logits, axis=-1, keepdims=True)
         if running_max is None:
             new_max = block_max
@@ -177,13 +177,12 @@ class MultiHeadAttention(keras.layers.Layer):
 
     def call(self, query, context=None, key_mask=None):
         qk = self.qk_channels
+        # ops.split rather than `x[..., a:b]`: the ellipsis slice has no TFLite builtin.
         if self.self_attention:
-            qkv = self._apply(query, self.qkv)
-            q, k, v = qkv[..., :qk], qkv[..., qk : 2 * qk], qkv[..., 2 * qk :]
+            q, k, v = ops.split(self._apply(query, self.qkv), [qk, 2 * qk], axis=-1)
         else:
             q = self._apply(query, self.q)
-            kv = self._apply(context, self.kv)
-            k, v = kv[..., :qk], kv[..., qk:]
+            k, v = ops.split(self._apply(context, self.kv), [qk], axis=-1)
         out = attention(
             self._split_heads(q),
             self._split_heads(k),

@@ -11,7 +11,8 @@ LAYER_NORM_EPSILON = 1e-5  # what the reference checkpoints actually use
 def get_activation(name):
     """GELU is the exact (erf) form, as in the references; `squared_relu` is Primer's."""
     if name == "gelu":
-        return lambda x: keras.activations.gelu(x, approximate=False)
+        # Written with erf: TensorFlow's own exact GELU lowers to Erfc, which ONNX lacks.
+        return lambda x: 0.5 * x * (1.0 + ops.erf(x * 0.7071067811865476))
     if name == "gelu_approximate":
         return lambda x: keras.activations.gelu(x, approximate=True)
     if name == "squared_relu":

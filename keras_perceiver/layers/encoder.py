@@ -103,7 +103,7 @@ class PerceiverEncoder(keras.layers.Layer):
 
     def call(self, inputs, input_mask=None):
         latents = ops.cast(self.latents, inputs.dtype)
-        x = ops.broadcast_to(latents[None], (ops.shape(inputs)[0],) + tuple(latents.shape))
+        x = ops.broadcast_to(ops.expand_dims(latents, 0), (ops.shape(inputs)[0],) + tuple(latents.shape))
         for block_index in range(self.config.num_blocks):
             if block_index < len(self.cross_attends):
                 x = self.cross_attends[block_index](x, inputs, key_mask=input_mask)

@@ -48,10 +48,8 @@ class GatedCrossAttentionBlock(keras.layers.Layer):
         flat_media = ops.reshape(media, (batch, -1, media.shape[-1]))
         text_time = ops.cumsum(ops.cast(media_locations, "int32"), axis=-1)  # (B, L)
         media_time = ops.repeat(ops.arange(1, times + 1, dtype="int32"), per_media)  # (T * n,)
-        if self.only_immediate:
-            mask = text_time[:, :, None] == media_time[None, None, :]
-        else:
-            mask = text_time[:, :, None] >= media_time[None, None, :]
+        text_time, media_time = ops.expand_dims(text_time, -1), ops.reshape(media_time, (1, 1, -1))
+        mask = text_time == media_time if self.only_immediate else text_time >= media_time
         attended = self.attention(self.norm(text), flat_media, key_mask=mask)
         x = text + ops.tanh(ops.cast(self.attention_gate, text.dtype)) * attended
         return x + ops.tanh(ops.cast(self.feed_forward_gate, x.dtype)) * self.feed_forward(x)

@@ -35,7 +35,7 @@ def fourier_features(positions, num_bands, max_resolution, concat_pos=True, sine
     freqs = ops.stack(
         [ops.linspace(1.0, res / 2.0, num_bands) for res in max_resolution], axis=0
     )  # (d, K)
-    scaled = positions[:, :, None] * ops.cast(freqs, "float32")[None, :, :]  # (N, d, K)
+    scaled = ops.expand_dims(positions, -1) * ops.expand_dims(ops.cast(freqs, "float32"), 0)  # (N, d, K)
     scaled = ops.reshape(scaled, (-1, len(max_resolution) * num_bands)) * math.pi
     parts = [positions] if concat_pos else []
     parts.append(ops.sin(scaled))
@@ -74,7 +74,7 @@ class FourierPositionEncoding(keras.layers.Layer):
             grid_positions(self.index_dims or shape[1:-1]), self.num_bands, self.max_resolution, self.concat_pos, self.sine_only
         )
         features = ops.cast(features, self.compute_dtype)
-        return ops.broadcast_to(features[None], (shape[0],) + tuple(ops.shape(features)))
+        return ops.broadcast_to(ops.expand_dims(features, 0), (shape[0],) + tuple(ops.shape(features)))
 
     def compute_output_shape(self, input_shape):
         dims = self.index_dims or input_shape[1:-1]
@@ -142,7 +142,7 @@ class TrainablePositionEncoding(keras.layers.Layer):
     def call(self, inputs, index_dims=None):
         """(batch, ...) -> (batch, prod(index_dims), channels); `inputs` gives the batch size."""
         table = ops.cast(self._table(index_dims), self.compute_dtype)
-        return ops.broadcast_to(table[None], (ops.shape(inputs)[0],) + tuple(ops.shape(table)))
+        return ops.broadcast_to(ops.expand_dims(table, 0), (ops.shape(inputs)[0],) + tuple(ops.shape(table)))
 
     def get_config(self):
         return {

@@ -37,7 +37,7 @@ def interpolate_embeddings(table, length):
     pos = ops.where(length > rows, steps * stretch, steps)
     low = ops.cast(ops.floor(pos), "int32")
     high = ops.minimum(low + 1, rows - 1)
-    weight = ops.cast((pos - ops.cast(low, "float32"))[:, None], table.dtype)
+    weight = ops.cast(ops.expand_dims(pos - ops.cast(low, "float32"), -1), table.dtype)
     return ops.take(table, low, axis=0) * (1 - weight) + ops.take(table, high, axis=0) * weight
 
 
@@ -141,9 +141,9 @@ class Resampler(keras.layers.Layer):
         """(B, V[, D]) / (B, T, V[, D]) -> (B, T, F, V[, D]) by inserting unit axes."""
         rank = len(x.shape) - (1 if has_features else 0)
         if rank == 2:
-            return x[:, None, None]
+            return ops.expand_dims(x, (1, 2))
         if rank == 3:
-            return x[:, :, None]
+            return ops.expand_dims(x, 2)
         return x
 
     def call(self, media, media_mask=None):
@@ -153,17 +153,17 @@ class Resampler(keras.layers.Layer):
         batch, times, frames = shape[0], shape[1], shape[2]
         if self.frame_embeddings is not None:
             frame_emb = interpolate_embeddings(ops.convert_to_tensor(self.frame_embeddings), frames)
-            x = x + ops.cast(frame_emb, x.dtype)[None, None, :, None, :]
+            x = x + ops.reshape(ops.cast(frame_emb, x.dtype), (1, 1, -1, 1, c.dim))
         x = ops.reshape(x, (batch, times, -1, c.dim))
         if self.media_time_embeddings is not None:
             time_emb = interpolate_embeddings(ops.convert_to_tensor(self.media_time_embeddings), times)
-            x = x + ops.cast(time_emb, x.dtype)[None, :, None, :]
+            x = x + ops.reshape(ops.cast(time_emb, x.dtype), (1, -1, 1, c.dim))
         x = ops.reshape(x, (-1, ops.shape(x)[2], c.dim))  # media items become batch
         mask = None
         if media_mask is not None:
             mask = ops.reshape(self.to_five_dims(media_mask, has_features=False), (ops.shape(x)[0], -1))
         latents = ops.cast(self.latents, x.dtype)
-        latents = ops.broadcast_to(latents[None], (ops.shape(x)[0], c.num_latents, c.dim))
+        latents = ops.broadcast_to(ops.expand_dims(latents, 0), (ops.shape(x)[0], c.num_latents, c.dim))
         for block in self.blocks:
             latents = block(latents, x, media_mask=mask)
         latents = self.norm(latents)

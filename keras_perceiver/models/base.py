@@ -111,6 +111,12 @@ class ConfiguredModel(keras.Model):
     def check_input_relations(self, inputs):
         """Checks across inputs (e.g. a mask matching its input); subclasses extend."""
 
+    def call(self, inputs, training=None, mask=None):
+        # Keras' own build paths (fit's symbolic build) reach `call` without `__call__`.
+        if not isinstance(inputs, dict):
+            inputs = {self.primary_input: inputs}
+        return super().call(inputs, training=training, mask=mask)
+
     def __call__(self, inputs, *args, **kwargs):
         return super().__call__(self.standardize_inputs(inputs), *args, **kwargs)
 
