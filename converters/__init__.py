@@ -1,10 +1,13 @@
-"""Checkpoint import (and, later, artefact export): keras_perceiver.converters.
+"""Artefact export and checkpoint import: keras_perceiver.converters.
 
-Converters take a `keras.Model` or a checkpoint and never import model internals: weights
-are matched to the model's variable paths.
+`export(model_or_preset, target, path)` writes and verifies a CoreML, OpenVINO, TFLite,
+ONNX or SavedModel artefact (routes in `artefacts.ROUTES`). Converters take a `keras.Model`
+or a checkpoint and never import model internals: weights are matched to variable paths.
 """
 
 from pathlib import Path
+
+from keras_perceiver.converters.artefacts import ROUTES, TARGETS, ExportReport, export, export_all, format_reports
 
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 

@@ -33,6 +33,11 @@ def main(argv=None):
         help="'all' or e.g. 'jax,torch' (default: the current KERAS_BACKEND); the first is the reference",
     )
     demo.add_argument("--repeats", type=int, default=10, help="timed calls per cell (median reported)")
+    demo.add_argument(
+        "--export-to",
+        default="saved_model,tflite,onnx,openvino,coreml",
+        help="targets the demo preset (perceiver_digits) is exported to and verified in ('' for none)",
+    )
 
     zoo = commands.add_parser("zoo", help="list the presets (pattern with wildcards), or print the README table")
     zoo.add_argument("pattern", nargs="?", default=None)
@@ -48,6 +53,32 @@ def main(argv=None):
     convert.add_argument("--num-heads", type=int, default=8, help="resampler heads (not stored in a state dict)")
     convert.add_argument("--overwrite", action="store_true")
 
+    export = commands.add_parser("export", help="export a preset (name or directory) and verify each artefact")
+    export.add_argument("preset")
+    export.add_argument("--to", default="coreml,openvino,tflite,onnx", help="comma-separated targets")
+    export.add_argument("--out", required=True, help="directory for the artefacts")
+    export.add_argument("--quantize", default=None, help="e.g. dynamic_int8 (tflite, onnx) or float16 (tflite)")
+    export.add_argument("--overwrite", action="store_true")
+
+    bench = commands.add_parser("bench", help="latency / compile time / memory / %% of GEMM peak per preset x backend x mode")
+    bench.add_argument("--presets", default="perceiver_digits", help="comma-separated preset names")
+    bench.add_argument("--backends", type=_backends, default="all")
+    bench.add_argument("--modes", default="eager,compiled")
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--out", default="bench.json")
+
+    bench_report = commands.add_parser("bench-report", help="merge bench JSON files into a Markdown matrix and a PNG")
+    bench_report.add_argument("files", nargs="+")
+    bench_report.add_argument("--markdown", default=None)
+    bench_report.add_argument("--plot", default=None)
+
+    scale = commands.add_parser("bench-scale", help="time and peak memory against the input length M")
+    scale.add_argument("--lengths", default="1000,10000,100000,1000000")
+    scale.add_argument("--backend", default="jax", choices=["jax", "tensorflow", "torch"])
+    scale.add_argument("--plot", default=None)
+    scale.add_argument("--json", default=None)
+
     worker = commands.add_parser("demo-worker", help=argparse.SUPPRESS)
     worker.add_argument("workdir")
     worker.add_argument("--reference", action="store_true")
@@ -62,6 +93,15 @@ def main(argv=None):
         print(demo_module.format_table(rows, backends[0]))
         worst = max(r["parity"] for r in rows)
         print(f"\nlargest cross-backend difference: {worst:.2e} (float32)")
+        targets = [t for t in args.export_to.split(",") if t]
+        if targets:
+            import tempfile
+
+            from keras_perceiver.converters import export_all, format_reports
+
+            print(f"\nperceiver_digits (trained weights) exported and verified in each runtime:")
+            with tempfile.TemporaryDirectory() as out:
+                print(format_reports(export_all("perceiver_digits", targets, out)))
         return 0
     if args.command == "zoo":
         from keras_perceiver import presets
@@ -78,6 +118,47 @@ def main(argv=None):
 
         path = convert_checkpoint(args.source, args.out, num_heads=args.num_heads, overwrite=args.overwrite)
         print(f"wrote {path}; load it with keras_perceiver.from_preset({str(path)!r})")
+        return 0
+    if args.command == "export":
+        from keras_perceiver.converters import ROUTES, export_all, format_reports
+
+        targets = [t.strip() for t in args.to.split(",") if t.strip()]
+        unknown = [t for t in targets if t not in ROUTES]
+        if unknown:
+            parser.error(f"--to: expected targets among {','.join(ROUTES)}; received {','.join(unknown)}")
+        reports = export_all(args.preset, targets, args.out, quantize=args.quantize, overwrite=args.overwrite)
+        print(format_reports(reports))
+        return 0
+    if args.command == "bench":
+        from keras_perceiver import bench as bench_module
+        from keras_perceiver.presets import list_presets
+
+        presets = [p for p in args.presets.split(",") if p]
+        unknown = [p for p in presets if p not in list_presets() or p not in bench_module.BENCH_INPUTS]
+        if unknown:
+            parser.error(f"--presets: expected names among {','.join(bench_module.BENCH_INPUTS)}; received {','.join(unknown)}")
+        backends = args.backends if isinstance(args.backends, list) else _backends(args.backends)
+        bench_module.run(presets, backends, args.batch, args.repeats, args.modes.split(","), args.out)
+        print(bench_module.report([args.out]))
+        return 0
+    if args.command == "bench-scale":
+        import json
+
+        from keras_perceiver import bench as bench_module
+
+        rows = bench_module.scale([int(m) for m in args.lengths.split(",")], args.backend, plot_out=args.plot)
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump(rows, handle, indent=1)
+        print("| M | forward s | s per 1e6 inputs | compile s | peak RSS MB |\n|---|---|---|---|---|")
+        for r in rows:
+            per = r["median_s"] / r["length"] * 1e6
+            print(f"| {r['length']:,} | {r['median_s']:.3f} | {per:.2f} | {r['compile_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+        return 0
+    if args.command == "bench-report":
+        from keras_perceiver import bench as bench_module
+
+        print(bench_module.report(args.files, args.markdown, args.plot))
         return 0
     if args.command == "demo-worker":
         from keras_perceiver import demo as demo_module

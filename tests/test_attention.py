@@ -53,8 +53,11 @@ def test_chunked_path_equals_unchunked(v_dim):
     mask = np.random.default_rng(2).random((2, 37)) > 0.2
     mask[1, :] = False
     mask[1, 30:] = True  # valid keys only in the last chunk
-    full = to_numpy(attention(q, k, v, key_mask=mask, chunk_threshold=None))
-    chunked = to_numpy(attention(q, k, v, key_mask=mask, chunk_threshold=8, chunk_size=5))
+    full = to_numpy(attention(q, k, v, key_mask=mask, score_budget_bytes=None))
+    chunked = to_numpy(attention(q, k, v, key_mask=mask, chunk_size=5))
+    np.testing.assert_allclose(chunked, full, atol=1e-5)
+    # from the budget: 2 x 5 x 3 rows of float32 scores, 1000 bytes -> blocks of 16 keys
+    chunked = to_numpy(attention(q, k, v, key_mask=mask, score_budget_bytes=1000))
     np.testing.assert_allclose(chunked, full, atol=1e-5)
 
 
@@ -62,13 +65,13 @@ def test_chunked_path_under_jit():
     rng = np.random.default_rng(3)
     query_in = keras.Input((4, 16))
     context_in = keras.Input((50, 16))
-    layer = MultiHeadAttention(2, 16, 16, 16, chunk_threshold=20)
+    layer = MultiHeadAttention(2, 16, 16, 16, score_budget_bytes=1000)  # blocks of 16 of 50 keys
     model = keras.Model([query_in, context_in], layer(query_in, context_in))
     x = [rng.normal(size=(2, 4, 16)).astype("float32"), rng.normal(size=(2, 50, 16)).astype("float32")]
     eager = to_numpy(model(x))
-    layer.chunk_threshold = None  # same weights, unchunked
+    layer.score_budget_bytes = None  # same weights, unchunked
     reference = to_numpy(model(x))
-    layer.chunk_threshold = 20
+    layer.score_budget_bytes = 1000
     model.compile(jit_compile=True)
     compiled = model.predict_on_batch(x)
     np.testing.assert_allclose(eager, reference, atol=1e-5)

@@ -5,10 +5,10 @@ import math
 import keras
 from keras import ops
 
-# Above this many keys the scores are computed block by block (online softmax), so
-# memory stays bounded whatever the input length.
-DEFAULT_CHUNK_THRESHOLD = 16384
-DEFAULT_CHUNK_SIZE = 4096
+# When the float32 (batch, heads, queries, keys) scores would exceed this many bytes, keys
+# are processed in blocks that fit it (online softmax): memory stays bounded whatever the
+# input length, and the unrolled graph has about scores / budget blocks.
+SCORE_BUDGET_BYTES = 64 * 2**20
 
 
 def _expand_mask(key_mask, num_queries):
@@ -66,14 +66,17 @@ def _chunked_attention(query, key, value, mask, scale, chunk_size):
     return ops.cast(ops.transpose(out, (0, 2, 1, 3)), value.dtype)
 
 
-def attention(
-    query,
-    key,
-    value,
-    key_mask=None,
-    chunk_threshold=DEFAULT_CHUNK_THRESHOLD,
-    chunk_size=DEFAULT_CHUNK_SIZE,
-):
+def _chunk_size(query, num_keys, score_budget_bytes):
+    """Keys per block so that one block's scores fit the budget; None = no chunking."""
+    if not score_budget_bytes or num_keys is None:
+        return None
+    rows = (query.shape[0] or 1) * (query.shape[1] or 1) * query.shape[2]  # unknown sizes as 1
+    if rows * num_keys * 4 <= score_budget_bytes:
+        return None
+    return max(16, score_budget_bytes // (4 * rows))
+
+
+def attention(query, key, value, key_mask=None, score_budget_bytes=SCORE_BUDGET_BYTES, chunk_size=None):
     """Scaled dot-product attention over heads, the only one the package uses.
 
     Args:
@@ -82,8 +85,9 @@ def attention(
         value: (batch, keys, heads, v_dim); v_dim may differ from qk_dim.
         key_mask: optional boolean, (batch, keys) or (batch, queries, keys); True = attend.
             A query row whose keys are all masked returns zeros, never NaN.
-        chunk_threshold: above this many (static) keys, process keys in blocks of
-            `chunk_size` with an online softmax so score memory stays bounded.
+        score_budget_bytes: the most float32 scores to hold at once; above it keys are
+            processed in blocks with an online softmax (None: never). `chunk_size` forces
+            blocks of that many keys.
 
     Returns (batch, queries, heads, v_dim) in the dtype of `value`. Softmax runs in
     float32 for half-precision inputs on every backend.
@@ -99,7 +103,8 @@ def attention(
         mask = ops.logical_or(mask, ops.logical_not(row_has_key))
 
     num_keys = key.shape[1]
-    if num_keys is not None and chunk_threshold and num_keys > chunk_threshold:
+    chunk_size = chunk_size or _chunk_size(query, num_keys, score_budget_bytes)
+    if chunk_size and num_keys is not None and num_keys > chunk_size:
         out = _chunked_attention(query, key, value, mask, scale, chunk_size)
     elif query.shape[-1] == value.shape[-1]:
         out = ops.dot_product_attention(query, key, value, mask=mask, scale=scale)
@@ -128,7 +133,7 @@ class MultiHeadAttention(keras.layers.Layer):
         output_channels,
         use_bias=True,
         self_attention=False,
-        chunk_threshold=DEFAULT_CHUNK_THRESHOLD,
+        score_budget_bytes=SCORE_BUDGET_BYTES,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -144,7 +149,7 @@ class MultiHeadAttention(keras.layers.Layer):
         self.output_channels = output_channels
         self.use_bias = use_bias
         self.self_attention = self_attention
-        self.chunk_threshold = chunk_threshold
+        self.score_budget_bytes = score_budget_bytes
 
     def _projection(self, name, fan_in, fan_out):
         kernel = self.add_weight(
@@ -173,22 +178,26 @@ class MultiHeadAttention(keras.layers.Layer):
         return y if bias is None else y + bias
 
     def _split_heads(self, x):
-        return ops.reshape(x, (ops.shape(x)[0], -1, self.num_heads, x.shape[-1] // self.num_heads))
+        shape = ops.shape(x)
+        return ops.reshape(x, (shape[0], shape[1], self.num_heads, x.shape[-1] // self.num_heads))
 
     def call(self, query, context=None, key_mask=None):
         qk = self.qk_channels
-        # ops.split rather than `x[..., a:b]`: the ellipsis slice has no TFLite builtin.
+        # Rank-3 slices, not `x[..., a:b]` (no TFLite builtin) nor ops.split (its torch
+        # lowering makes sizes data-dependent for torch.export).
         if self.self_attention:
-            q, k, v = ops.split(self._apply(query, self.qkv), [qk, 2 * qk], axis=-1)
+            qkv = self._apply(query, self.qkv)
+            q, k, v = qkv[:, :, :qk], qkv[:, :, qk : 2 * qk], qkv[:, :, 2 * qk :]
         else:
             q = self._apply(query, self.q)
-            k, v = ops.split(self._apply(context, self.kv), [qk], axis=-1)
+            kv = self._apply(context, self.kv)
+            k, v = kv[:, :, :qk], kv[:, :, qk:]
         out = attention(
             self._split_heads(q),
             self._split_heads(k),
             self._split_heads(v),
             key_mask=key_mask,
-            chunk_threshold=self.chunk_threshold,
+            score_budget_bytes=self.score_budget_bytes,
         )
         out = ops.reshape(out, (ops.shape(out)[0], -1, self.v_channels))
         return self._apply(out, self.out)
@@ -205,5 +214,5 @@ class MultiHeadAttention(keras.layers.Layer):
             "output_channels": self.output_channels,
             "use_bias": self.use_bias,
             "self_attention": self.self_attention,
-            "chunk_threshold": self.chunk_threshold,
+            "score_budget_bytes": self.score_budget_bytes,
         }

@@ -1,0 +1,353 @@
+"""Export a model to an edge artefact and verify it in that artefact's own runtime.
+
+`export(model_or_preset, target, path)` works from any KERAS_BACKEND: each target goes
+through the route that converts it best (`ROUTES`, the one route table), run in a
+subprocess under the backend that route needs, from a `.keras` file or a preset.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# target -> (backend the conversion runs under, route, runtime that verifies it)
+ROUTES = {
+    "saved_model": ("tensorflow", "keras export (tf_saved_model)", "tf.saved_model"),
+    "tflite": ("tensorflow", "SavedModel -> TFLiteConverter (builtin ops)", "LiteRT interpreter"),
+    "onnx": ("tensorflow", "keras export -> tf2onnx", "onnxruntime"),
+    "openvino": ("tensorflow", "SavedModel -> openvino.convert_model", "OpenVINO CPU (f32)"),
+    "coreml": ("torch", "torch.export -> run_decompositions -> coremltools mlprogram", "CoreML (macOS only)"),
+}
+TARGETS = tuple(ROUTES)
+SUFFIXES = {"saved_model": "", "tflite": ".tflite", "onnx": ".onnx", "openvino": ".xml", "coreml": ".mlpackage"}
+# modules each route needs, and the pip extra that brings them
+REQUIREMENTS = {
+    "saved_model": ["tensorflow"],
+    "tflite": ["tensorflow", "ai_edge_litert"],
+    "onnx": ["tensorflow", "tf2onnx", "onnxruntime"],
+    "openvino": ["tensorflow", "openvino"],
+    "coreml": ["torch", "coremltools"],
+}
+QUANTIZE = {"tflite": ("dynamic_int8", "float16"), "onnx": ("dynamic_int8",)}
+FLOAT32_TOLERANCE = 1e-4
+
+
+@dataclasses.dataclass
+class ExportReport:
+    target: str
+    route: str
+    runtime: str
+    path: str
+    size_bytes: int
+    dynamic: bool
+    checked_shapes: list
+    max_abs_error: float
+    max_rel_error: float
+    latency_ms: float
+    quantize: str = None
+    verified: bool = False
+    notes: str = ""
+
+
+def _check_requirements(target):
+    missing = [m for m in REQUIREMENTS[target] if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(
+            f"export to {target!r} needs {missing}: pip install 'keras-perceiver[export]'"
+        )
+
+
+def export(
+    model_or_preset, target, path, input_shapes=None, dynamic=True, quantize=None, verify=True, overwrite=False
+):
+    """Convert `model_or_preset` (a keras_perceiver model, a preset name or directory) to
+    `target` at `path`, verify it in its runtime, and return an ExportReport.
+
+    input_shapes: optional {input name: lengths} for the variable axes, e.g.
+    {"length": 24}; dynamic: also check a second, different size where axes are variable;
+    quantize: None, or one of QUANTIZE[target] (the error against Keras is then reported,
+    not asserted). An existing `path` is replaced only with `overwrite=True`.
+    """
+    if target not in ROUTES:
+        raise ValueError(f"export: `target` must be one of {list(ROUTES)}; received {target!r}")
+    if quantize is not None and quantize not in QUANTIZE.get(target, ()):
+        raise ValueError(
+            f"export: `quantize` for {target!r} must be one of {list(QUANTIZE.get(target, ()))} or None; "
+            f"received {quantize!r}"
+        )
+    _check_requirements(target)
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"export: {str(path)!r} exists; pass overwrite=True to replace it")
+    backend, _, _ = ROUTES[target]
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        if isinstance(model_or_preset, (str, os.PathLike)):
+            source = {"preset": str(model_or_preset)}
+        else:
+            model_file = work / "model.keras"
+            model_or_preset.save(model_file)
+            source = {"keras_file": str(model_file)}
+        job = dict(
+            source, target=target, out=str(work / ("artefact" + SUFFIXES[target])), length=(input_shapes or {}).get("length"),
+            dynamic=dynamic, quantize=quantize, verify=verify, report=str(work / "report.json"),
+        )
+        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+        done = subprocess.run(
+            [sys.executable, "-m", "keras_perceiver.converters.artefacts", json.dumps(job)],
+            env=env, capture_output=True, text=True,
+        )
+        if done.returncode:
+            raise RuntimeError(f"export to {target} failed under {backend}:\n{done.stderr[-4000:]}")
+        report = ExportReport(**json.loads(Path(job["report"]).read_text()))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        shutil.move(job["out"], path)
+        if target == "openvino":  # the weights file travels with the .xml
+            shutil.move(str(Path(job["out"]).with_suffix(".bin")), path.with_suffix(".bin"))
+        report.path = str(path)
+    return report
+
+
+# ------------------------------------------------------------------ worker side
+def _load(job):
+    import keras
+
+    import keras_perceiver as kp
+
+    if "keras_file" in job:
+        return keras.saving.load_model(job["keras_file"]), ""
+    try:
+        return kp.from_preset(job["preset"]), ""
+    except ValueError as error:
+        if "ships no weights" not in str(error):
+            raise
+        return kp.from_preset(job["preset"], load_weights=False), "random weights (the preset ships none)"
+
+
+def _sizes(model, job):
+    """Two input sets: the main one, and a different batch / variable length."""
+    from keras_perceiver.examples import example_inputs
+
+    first = example_inputs(model, batch=2, length=job["length"] or 24, seed=1)
+    variable = any(d is None for t in model.inputs for d in t.shape[1:])
+    second = example_inputs(model, batch=1, length=(job["length"] or 24) + 7, seed=2) if variable else None
+    if second is None:
+        second = example_inputs(model, batch=3, seed=2)
+    return [first, second] if job["dynamic"] else [first]
+
+
+def _saved_model(model, out):
+    model.export(out, format="tf_saved_model", verbose=False)
+
+
+def _convert(model, job, work):
+    target, out = job["target"], job["out"]
+    if target == "saved_model":
+        _saved_model(model, out)
+    elif target == "tflite":
+        import tensorflow as tf
+
+        saved = os.path.join(work, "saved_model")
+        _saved_model(model, saved)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved)
+        if job["quantize"] == "dynamic_int8":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        elif job["quantize"] == "float16":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.target_spec.supported_types = [tf.float16]
+        Path(out).write_bytes(converter.convert())
+    elif target == "onnx":
+        model.export(out, format="onnx", verbose=False)
+        if job["quantize"] == "dynamic_int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            float_path = os.path.join(work, "float.onnx")
+            shutil.move(out, float_path)
+            quantize_dynamic(float_path, out, weight_type=QuantType.QInt8)
+    elif target == "openvino":
+        import openvino as ov
+
+        saved = os.path.join(work, "saved_model")
+        _saved_model(model, saved)
+        ov.save_model(ov.convert_model(saved), out, compress_to_fp16=False)
+    elif target == "coreml":
+        return _coreml(model, job)
+
+
+def _coreml(model, job):
+    """Static shapes (the first input set); returns the exported program that was converted."""
+    import coremltools as ct
+    import torch
+
+    names = list(model._inputs_struct)
+    inputs = _sizes(model, dict(job, dynamic=False))[0]
+
+    class Positional(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args):
+            return self.model(dict(zip(names, args)))
+
+    args = tuple(torch.from_numpy(inputs[n]) for n in names)
+    program = torch.export.export(Positional().eval(), args, strict=False).run_decompositions({})
+    mlmodel = ct.convert(
+        program,
+        convert_to="mlprogram",
+        minimum_deployment_target=ct.target.iOS17,
+        compute_precision=ct.precision.FLOAT32,
+    )
+    spec = mlmodel.get_spec()
+    for old, new in zip([i.name for i in spec.description.input], names):
+        ct.utils.rename_feature(spec, old, new)
+    ct.utils.rename_feature(spec, spec.description.output[0].name, "outputs")
+    mlmodel = ct.models.MLModel(spec, weights_dir=mlmodel.weights_dir)
+    mlmodel.short_description = "keras_perceiver export; static input shapes: " + ", ".join(
+        f"{n}{tuple(inputs[n].shape)}" for n in names
+    )
+    mlmodel.save(job["out"])
+    return program, args
+
+
+def _runner(target, out, model_names):
+    """-> function(inputs dict) -> first output as NumPy, in the artefact's runtime."""
+    import numpy as np
+
+    if target == "saved_model":
+        import tensorflow as tf
+
+        fn = tf.saved_model.load(out).signatures["serving_default"]
+        return lambda x: next(iter(fn(**{k: tf.constant(v) for k, v in x.items()}).values())).numpy()
+    if target == "tflite":
+        from ai_edge_litert.interpreter import Interpreter
+
+        runners = {}  # one interpreter per input shape set (the runner resizes its inputs)
+
+        def run(x):
+            key = tuple((k, v.shape) for k, v in sorted(x.items()))
+            if key not in runners:
+                runners[key] = Interpreter(model_path=out).get_signature_runner()
+            return next(iter(runners[key](**x).values()))
+
+        return run
+    if target == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
+        # tf2onnx may prefix input names; match them by suffix
+        names = {i.name: next(n for n in model_names if i.name.endswith(n)) for i in session.get_inputs()}
+        return lambda x: session.run(None, {onnx_name: x[ours] for onnx_name, ours in names.items()})[0]
+    if target == "openvino":
+        import openvino as ov
+
+        compiled = ov.Core().compile_model(out, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        return lambda x: np.asarray(next(iter(compiled(x).values())))
+    raise ValueError(target)
+
+
+def worker(job):
+    import keras
+    import numpy as np
+
+    model, notes = _load(job)
+    model(_sizes(model, job)[0])  # Keras' ONNX export wants a model that has been called
+    target = job["target"]
+    names = list(model._inputs_struct)
+    with tempfile.TemporaryDirectory() as work:
+        converted = _convert(model, job, work)
+        size = sum(f.stat().st_size for f in Path(job["out"]).rglob("*")) if Path(job["out"]).is_dir() else Path(job["out"]).stat().st_size
+        if target == "openvino":
+            size += Path(job["out"]).with_suffix(".bin").stat().st_size
+        checked, abs_err, rel_err, latency = [], 0.0, 0.0, float("nan")
+        dynamic = target != "coreml"
+        if job["verify"]:
+            if target == "coreml":
+                # Off macOS the CoreML runtime is missing: check the program that was converted.
+                import platform
+
+                program, args = converted
+                expected = keras.ops.convert_to_numpy(model(dict(zip(names, [a.numpy() for a in args]))))
+                got = program.module()(*args).detach().numpy()
+                sets = [(expected, got, {n: a.numpy() for n, a in zip(names, args)})]
+                if platform.system() == "Darwin":
+                    import coremltools as ct
+
+                    mlmodel = ct.models.MLModel(job["out"])
+                    prediction = mlmodel.predict({n: a.numpy() for n, a in zip(names, args)})["outputs"]
+                    sets.append((expected, prediction, sets[0][2]))
+                    notes = (notes + "; " if notes else "") + "CoreML predictions checked on macOS"
+                else:
+                    notes = (notes + "; " if notes else "") + (
+                        "static shapes; CoreML predictions need macOS: checked the converted torch.export program"
+                    )
+            else:
+                run = _runner(target, job["out"], names)
+                sets = []
+                for inputs in _sizes(model, job):
+                    expected = keras.ops.convert_to_numpy(model(inputs))
+                    sets.append((expected, run(inputs), inputs))
+                timed = sets[0][2]
+                run(timed)
+                times = []
+                for _ in range(10):
+                    start = time.perf_counter()
+                    run(timed)
+                    times.append(time.perf_counter() - start)
+                latency = 1000 * float(np.median(times))
+            for expected, got, inputs in sets:
+                if expected.shape != np.shape(got):
+                    raise AssertionError(f"{target}: output shape {np.shape(got)} != Keras {expected.shape}")
+                diff = np.abs(expected - got)
+                abs_err = max(abs_err, float(diff.max()))
+                rel_err = max(rel_err, float((diff / (np.abs(expected) + 1e-6)).max()))
+                checked.append({n: list(v.shape) for n, v in inputs.items()})
+            if job["quantize"] is None and abs_err > FLOAT32_TOLERANCE:
+                raise AssertionError(f"{target}: max abs error {abs_err:.3g} exceeds {FLOAT32_TOLERANCE} (float32)")
+    backend, route, runtime = ROUTES[target]
+    report = ExportReport(
+        target=target, route=f"{route} [{backend}]", runtime=runtime, path=job["out"], size_bytes=size,
+        dynamic=dynamic, checked_shapes=checked, max_abs_error=abs_err, max_rel_error=rel_err,
+        latency_ms=latency, quantize=job["quantize"], verified=bool(job["verify"]), notes=notes,
+    )
+    Path(job["report"]).write_text(json.dumps(dataclasses.asdict(report)))
+
+
+def export_all(model_or_preset, targets, directory, quantize=None, overwrite=False):
+    """Export to each target into `directory` (named after the preset); quantize applies
+    where the target supports it. Returns the reports."""
+    name = Path(str(model_or_preset)).name if isinstance(model_or_preset, (str, os.PathLike)) else model_or_preset.name
+    reports = []
+    for target in targets:
+        q = quantize if quantize in QUANTIZE.get(target, ()) else None
+        path = Path(directory) / (name + (f"_{q}" if q else "") + SUFFIXES[target])
+        reports.append(export(model_or_preset, target, path, quantize=q, overwrite=overwrite))
+    return reports
+
+
+def format_reports(reports):
+    header = ("target", "route", "size", "dynamic", "max abs err", "max rel err", "latency ms", "notes")
+    rows = [header] + [
+        (
+            r.target + (f" ({r.quantize})" if r.quantize else ""), r.route, f"{r.size_bytes / 1e6:.2f} MB",
+            "yes" if r.dynamic else "static", f"{r.max_abs_error:.1e}", f"{r.max_rel_error:.1e}",
+            "-" if r.latency_ms != r.latency_ms else f"{r.latency_ms:.2f}", r.notes or "",
+        )
+        for r in reports
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    worker(json.loads(sys.argv[1]))

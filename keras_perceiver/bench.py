@@ -1,0 +1,421 @@
+"""`keras-perceiver bench`: latency, compile time, memory and achieved FLOP/s per preset x
+backend x mode, against a float32 GEMM peak measured in the same run; `report` merges
+result files from several machines into one Markdown matrix and a PNG plot.
+
+Each backend runs in its own process (the backend is fixed at import). Presets are built
+at their real sizes with random weights unless they ship weights.
+"""
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+BENCH_INPUTS = {  # what one forward pass is fed, per preset (batch given separately)
+    "perceiver_vision_fourier": {"image": (224, 224, 3)},
+    "perceiver_vision_learned": {"image": (224, 224, 3)},
+    "perceiver_vision_conv": {"image": (224, 224, 3)},
+    "perceiver_io_language": {"tokens": 2048},
+    "flamingo_resampler": {"media": (8, 1, 257)},
+    "open_flamingo_resampler": {"media": (8, 1, 257)},
+    "perceiver_digits": {"image": (8, 8, 1)},
+}
+
+
+def gemm_peak_gflops(size=2048, repeats=5):
+    """Best float32 NumPy matmul rate on this machine, GFLOP/s."""
+    a = np.random.default_rng(0).random((size, size), dtype=np.float32)
+    b = np.random.default_rng(1).random((size, size), dtype=np.float32)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def device_description():
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "threads": os.cpu_count(), "system": platform.system()}
+
+
+def accelerators():
+    """GPUs / TPUs / Apple devices seen by the current backend (one function per backend)."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return [d.device_kind for d in jax.devices() if d.platform != "cpu"]
+    if backend == "torch":
+        import torch
+
+        found = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.backends.mps.is_available():
+            found.append("Apple MPS")
+        return found
+    import tensorflow as tf
+
+    return [d.name for d in tf.config.list_physical_devices() if d.device_type != "CPU"]
+
+
+# ---------------------------------------------------------------- analytic FLOPs
+def _attention_flops(queries, keys, q_in, kv_in, qk, v, out, self_attention=False):
+    projections = queries * q_in * qk + keys * kv_in * (qk + v) if not self_attention else queries * q_in * (2 * qk + v)
+    return 2 * (projections + queries * keys * (qk + v) + queries * v * out)
+
+
+def forward_flops(model, inputs):
+    """Multiply-adds x 2 of the matrix products of one forward pass (softmax, norms and
+    element-wise work left out: under 1% at these sizes)."""
+    from keras_perceiver.models import PerceiverResampler
+
+    c = model.config
+    batch = next(iter(inputs.values())).shape[0]
+    if isinstance(model, PerceiverResampler):
+        b, t, f, v = inputs["media"].shape[:4]
+        keys = f * v + c.num_latents
+        inner = c.num_heads * c.head_channels
+        per_layer = 2 * (
+            c.num_latents * c.dim * inner + keys * c.dim * 2 * inner + 2 * c.num_latents * keys * inner
+            + c.num_latents * inner * c.dim + 2 * c.num_latents * c.dim * c.ff_mult * c.dim
+        )
+        return b * t * c.depth * per_layer
+    adapter = model.get_layer("input_adapter")
+    data = inputs.get("inputs", inputs.get("token_ids"))
+    length = int(np.prod(data.shape[1:-1])) if "inputs" in inputs else data.shape[1]
+    channels = adapter.output_channels(data.shape[-1] if "inputs" in inputs else None)
+    if getattr(adapter, "conv_stem_channels", None):
+        side = [((d + 6 - 7) // 2 + 1) for d in data.shape[1:-1]]
+        flops = 2 * int(np.prod(side)) * 49 * data.shape[-1] * adapter.conv_stem_channels
+        length = int(np.prod([(s - 3) // 2 + 1 for s in side]))
+    else:
+        flops = 2 * length * data.shape[-1] * (getattr(adapter, "project_channels", None) or 0)
+    n, d = c.num_latents, c.latent_channels
+    qk = c.cross_attention_qk_channels or channels
+    v = c.cross_attention_v_channels or qk
+    flops += c.num_cross_attends * (_attention_flops(n, length, d, channels, qk, v, d) + 4 * n * d * d * c.cross_attention_widening_factor)
+    sqk = c.self_attention_qk_channels or d
+    sv = c.self_attention_v_channels or sqk
+    per_self = _attention_flops(n, n, d, d, sqk, sv, d, self_attention=True) + 4 * n * d * d * c.self_attention_widening_factor
+    flops += c.num_blocks * c.num_self_attends_per_block * per_self
+    if hasattr(c, "output_queries"):
+        spec = c.output_queries
+        queries = spec.get("num_queries") or int(np.prod(spec["index_dims"]))
+        width = model.get_layer("decoder").input[0].shape[-1]
+        dqk = c.decoder_qk_channels or d
+        dv = c.decoder_v_channels or dqk
+        flops += _attention_flops(queries, n, width, d, dqk, dv, width) + 4 * queries * width * width * c.decoder_widening_factor
+        if c.output_channels:
+            flops += 2 * queries * width * c.output_channels
+            width = c.output_channels
+        if c.tie_output_to_input_embedding:
+            flops += 2 * queries * width * c.input_adapter["vocab_size"]
+    else:
+        if c.pooling == "query":
+            dqk = c.decoder_qk_channels or d
+            flops += _attention_flops(1, n, d, d, dqk, c.decoder_v_channels or dqk, d) + 4 * d * d
+        flops += 2 * d * c.num_classes
+    return batch * flops
+
+
+# ---------------------------------------------------------------- one backend, in-process
+def bench_inputs(name, batch, seed=0):
+    """Inputs of one forward pass; media width from the preset's config."""
+    rng = np.random.default_rng(seed)
+    spec = BENCH_INPUTS[name]
+    if "image" in spec:
+        return {"inputs": rng.normal(size=(batch,) + spec["image"]).astype("float32")}
+    if "tokens" in spec:
+        return {
+            "token_ids": rng.integers(0, 262, size=(batch, spec["tokens"])).astype("int32"),
+            "input_mask": np.ones((batch, spec["tokens"]), bool),
+        }
+    from keras_perceiver.presets import zoo_entries
+
+    dim = zoo_entries()[name]["config"]["dim"]
+    return {"media": rng.normal(size=(batch,) + spec["media"] + (dim,)).astype("float32")}
+
+
+def run_cells(presets, batch, repeats, modes, peak):
+    import gc
+
+    import keras
+
+    import keras_perceiver as kp
+
+    backend = keras.backend.backend()
+    cells = []
+    for name in presets:
+        try:
+            model = kp.from_preset(name)
+        except ValueError:
+            model = kp.from_preset(name, load_weights=False)
+        inputs = bench_inputs(name, batch)
+        flops = forward_flops(model, inputs)
+        for mode in modes:
+            if mode == "eager":
+                fn = lambda: keras.ops.convert_to_numpy(model(inputs))  # noqa: E731
+                compile_s = 0.0
+            else:
+                model.compile(jit_compile=True)
+                fn = lambda: model.predict_on_batch(inputs)  # noqa: E731
+                compile_s = _timed(fn)
+            fn()
+            times = [_timed(fn) for _ in range(repeats)]
+            median = statistics.median(times)
+            cells.append(
+                dict(
+                    preset=name, backend=backend, mode=mode, batch=batch, median_ms=1000 * median,
+                    spread_ms=1000 * (max(times) - min(times)), throughput_per_s=batch / median,
+                    compile_s=compile_s, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                    gflop=flops / 1e9, achieved_gflops=flops / median / 1e9,
+                    fraction_of_peak=flops / median / 1e9 / peak,
+                )
+            )
+            print(json.dumps(cells[-1]), file=sys.stderr, flush=True)
+        del model
+        gc.collect()
+    return cells
+
+
+def main_worker(job):
+    import keras
+
+    peak = gemm_peak_gflops()
+    cells = run_cells(job["presets"], job["batch"], job["repeats"], job["modes"], peak)
+    peers = run_peers(job["presets"], job["batch"], job["repeats"], peak) if job.get("peers") else []
+    Path(job["out"]).write_text(
+        json.dumps(
+            {
+                "device": dict(device_description(), accelerators=accelerators()),
+                "versions": {"keras": keras.version(), "backend": keras.backend.backend(), "python": platform.python_version()},
+                "gemm_peak_gflops": peak,
+                "cells": cells,
+                "peers": peers,
+            }
+        )
+    )
+
+
+def run(presets, backends, batch=1, repeats=5, modes=("eager", "compiled"), out="bench.json", peers=True):
+    """Run every backend in its own process (peers in the torch one, same process as ours,
+    so the same machine state); merge into one JSON at `out`."""
+    results = {"device": device_description(), "runs": []}
+    total = len(backends)
+    started = time.perf_counter()
+    for index, backend in enumerate(backends):
+        with tempfile.TemporaryDirectory() as work:
+            job = dict(presets=presets, batch=batch, repeats=repeats, modes=list(modes), out=os.path.join(work, "r.json"),
+                       peers=peers and backend == "torch")
+            env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+            done = subprocess.run([sys.executable, "-m", "keras_perceiver.bench", json.dumps(job)], env=env)
+            if done.returncode:
+                raise SystemExit(f"bench: the {backend} run failed (exit {done.returncode})")
+            results["runs"].append(json.loads(Path(job["out"]).read_text()))
+        elapsed = time.perf_counter() - started
+        left = elapsed / (index + 1) * (total - index - 1)
+        print(f"[{index + 1}/{total} backends done, about {left:.0f} s left]", file=sys.stderr, flush=True)
+    Path(out).write_text(json.dumps(results, indent=1))
+    return results
+
+
+def report(paths, markdown_out=None, plot_out=None):
+    """Merge result files (several machines) into a Markdown matrix (and a PNG plot)."""
+    lines = [
+        "| machine | preset | backend | mode | batch | median ms | spread ms | compile s | peak RSS MB | GFLOP | GFLOP/s | % of GEMM peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        for run_ in data["runs"]:
+            device = run_["device"]
+            machine = f"{device['cpu']} x{device['threads']}" + (f" + {', '.join(device['accelerators'])}" if device["accelerators"] else "")
+            for c in run_["cells"]:
+                rows.append((machine, c))
+                lines.append(
+                    f"| {machine} | {c['preset']} | {c['backend']} | {c['mode']} | {c['batch']} | {c['median_ms']:.1f} | "
+                    f"{c['spread_ms']:.1f} | {c['compile_s']:.1f} | {c['peak_rss_mb']:.0f} | {c['gflop']:.1f} | "
+                    f"{c['achieved_gflops']:.1f} | {100 * c['fraction_of_peak']:.0f}% (peak {run_['gemm_peak_gflops']:.0f}) |"
+                )
+    peer_lines = ["", "| machine | preset | peer | peer mode | peer ms | our best | our ms | ours / peer |", "|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        ours = [c for run_ in data["runs"] for c in run_["cells"]]
+        for run_ in data["runs"]:
+            device = run_["device"]
+            machine = f"{device['cpu']} x{device['threads']}"
+            for p in run_.get("peers", []):
+                same = [c for c in ours if c["preset"] == p["preset"] and c["batch"] == p["batch"]]
+                if not same:
+                    continue
+                best = min(same, key=lambda c: c["median_ms"])
+                peer_lines.append(
+                    f"| {machine} | {p['preset']} | {p['peer']} | {p['mode']} | {p['median_ms']:.1f} | "
+                    f"{best['backend']} {best['mode']} | {best['median_ms']:.1f} | {best['median_ms'] / p['median_ms']:.2f} |"
+                )
+    if len(peer_lines) > 3:
+        lines += peer_lines
+    table = "\n".join(lines)
+    if markdown_out:
+        Path(markdown_out).write_text(table + "\n")
+    if plot_out and rows:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        labels = [f"{c['preset']}\n{c['backend']} {c['mode']}" for _, c in rows]
+        fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows)), 4))
+        ax.bar(range(len(rows)), [100 * c["fraction_of_peak"] for _, c in rows])
+        ax.set_xticks(range(len(rows)), labels, rotation=75, fontsize=7)
+        ax.set_ylabel("% of measured float32 GEMM peak")
+        fig.tight_layout()
+        fig.savefig(plot_out, dpi=120)
+    return table
+
+
+# ---------------------------------------------------------------- peers (PyTorch originals)
+def peer_model(name):
+    """The reference implementation of a preset, randomly initialised, and its inputs builder."""
+    import torch
+
+    if name in ("flamingo_resampler", "open_flamingo_resampler"):
+        import flamingo_pytorch
+
+        import keras_perceiver as kp
+
+        c = kp.presets.zoo_entries()[name]["config"]
+        if c["activation"] != "gelu":
+            return None  # flamingo-pytorch has GELU only; squared ReLU has the same cost
+        model = flamingo_pytorch.PerceiverResampler(
+            dim=c["dim"], depth=c["depth"], dim_head=c["head_channels"], heads=c["num_heads"],
+            num_latents=c["num_latents"], num_media_embeds=8, ff_mult=c["ff_mult"],
+        )
+        return model.eval(), lambda x: (torch.from_numpy(x["media"][:, :, 0]),)
+    import transformers
+
+    heads = {
+        "perceiver_vision_fourier": "PerceiverForImageClassificationFourier",
+        "perceiver_vision_learned": "PerceiverForImageClassificationLearned",
+        "perceiver_vision_conv": "PerceiverForImageClassificationConvProcessing",
+        "perceiver_io_language": "PerceiverForMaskedLM",
+    }
+    if name not in heads:
+        return None
+    common = dict(num_latents=512, d_latents=1024, num_blocks=8, num_self_attends_per_block=6,
+                  num_self_attention_heads=8, num_cross_attention_heads=1, image_size=224, num_labels=1000)
+    if name == "perceiver_io_language":
+        common = dict(num_latents=256, d_latents=1280, d_model=768, num_blocks=1, num_self_attends_per_block=26,
+                      num_self_attention_heads=8, num_cross_attention_heads=8, qk_channels=256, v_channels=1280,
+                      vocab_size=262, max_position_embeddings=2048)
+    model = getattr(transformers, heads[name])(transformers.PerceiverConfig(**common)).eval()
+    if name == "perceiver_io_language":
+        return model, lambda x: (torch.from_numpy(x["token_ids"].astype("int64")), torch.from_numpy(x["input_mask"].astype("int64")))
+    return model, lambda x: (torch.from_numpy(x["inputs"].transpose(0, 3, 1, 2).copy()),)
+
+
+def run_peers(presets, batch, repeats, peak, compiled=False):
+    import torch
+
+    cells = []
+    for name in presets:
+        found = peer_model(name)
+        if found is None:
+            continue
+        model, to_torch = found
+        args = to_torch(bench_inputs(name, batch))
+        fn = model if not compiled else torch.compile(model)
+        call = (lambda: fn(inputs=args[0], attention_mask=args[1])) if len(args) == 2 else (lambda: fn(*args) if "Resampler" in type(model).__name__ else fn(inputs=args[0]))
+        with torch.no_grad():
+            compile_s = _timed(call)
+            times = [_timed(call) for _ in range(repeats)]
+        median = statistics.median(times)
+        cells.append(dict(preset=name, peer=type(model).__module__.split(".")[0] + "." + type(model).__name__,
+                          mode="torch.compile" if compiled else "eager", batch=batch, median_ms=1000 * median,
+                          compile_s=compile_s if compiled else 0.0))
+        print(json.dumps(cells[-1]), file=sys.stderr, flush=True)
+    return cells
+
+
+# ---------------------------------------------------------------- scaling in the input length
+SCALE_CONFIG = dict(  # a Perceiver encoder reading M 1-D points with 3 features into 256 latents
+    input_adapter={"type": "features", "input_channels": 3, "index_dims": [None], "num_bands": 16, "max_resolution": [1_000_000]},
+    num_latents=256, latent_channels=256, num_blocks=1, num_self_attends_per_block=2,
+    num_self_attention_heads=8, num_cross_attention_heads=1, num_classes=10,
+)
+
+
+def scale_worker(job):
+    import keras
+
+    import keras_perceiver as kp
+
+    keras.utils.set_random_seed(0)
+    model = kp.Perceiver(SCALE_CONFIG)
+    x = np.random.default_rng(0).normal(size=(1, job["length"], 3)).astype("float32")
+    model.compile(jit_compile=True)
+    compile_s = _timed(lambda: model.predict_on_batch(x))
+    times = [_timed(lambda: model.predict_on_batch(x)) for _ in range(job["repeats"])]
+    result = dict(
+        length=job["length"], backend=keras.backend.backend(), median_s=statistics.median(times), compile_s=compile_s,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
+    Path(job["out"]).write_text(json.dumps(result))
+
+
+def scale(lengths, backend="jax", repeats=3, plot_out=None):
+    """Time and peak RSS against the input length M, each length in a fresh process."""
+    rows = []
+    for index, length in enumerate(lengths):
+        with tempfile.TemporaryDirectory() as work:
+            job = dict(length=length, repeats=repeats, out=os.path.join(work, "r.json"), scale=True)
+            env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+            done = subprocess.run([sys.executable, "-m", "keras_perceiver.bench", json.dumps(job)], env=env)
+            if done.returncode:
+                raise SystemExit(f"bench-scale: M={length} failed under {backend} (exit {done.returncode})")
+            rows.append(json.loads(Path(job["out"]).read_text()))
+        print(f"[{index + 1}/{len(lengths)}] M={length}: {rows[-1]['median_s']:.3f} s, {rows[-1]['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+    if plot_out:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+        ms = [r["length"] for r in rows]
+        left.loglog(ms, [r["median_s"] for r in rows], "o-")
+        left.set_xlabel("input length M")
+        left.set_ylabel("forward time, s")
+        right.semilogx(ms, [r["peak_rss_mb"] for r in rows], "o-")
+        right.set_xlabel("input length M")
+        right.set_ylabel("peak RSS, MB")
+        fig.suptitle(f"Perceiver encoder, 256 latents, {backend} compiled")
+        fig.tight_layout()
+        fig.savefig(plot_out, dpi=120)
+    return rows
+
+
+if __name__ == "__main__":
+    job = json.loads(sys.argv[1])
+    scale_worker(job) if job.get("scale") else main_worker(job)

@@ -1,0 +1,48 @@
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import keras_perceiver as kp
+from keras_perceiver import bench
+from keras_perceiver.examples import build_small, example_inputs
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="XLA's cost analysis is read through JAX")
+@pytest.mark.parametrize("name", ["perceiver", "perceiver_io", "perceiver_resampler"])
+def test_analytic_flops_match_xla_cost_analysis(name):
+    import jax
+
+    model = build_small(name)
+    inputs = example_inputs(model, length=40)
+    if name == "perceiver_resampler":
+        inputs["media"] = inputs["media"][:, :, :1]  # F = 1
+    ours = bench.forward_flops(model, inputs)
+    state = [v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables]
+    fn = jax.jit(lambda t, n, x: model.stateless_call(t, n, x)[0])
+    analysis = fn.lower(*state, inputs).compile().cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    xla = analysis["flops"]
+    # XLA also counts element-wise work (norms, softmax, GELU); matrix products dominate
+    assert 0.75 * xla <= ours <= 1.02 * xla, (ours, xla)
+
+
+def test_bench_run_and_report(tmp_path):
+    out = tmp_path / "bench.json"
+    backend = keras.backend.backend()
+    results = bench.run(["perceiver_digits"], [backend], batch=2, repeats=2, modes=["eager"], out=out)
+    cell = results["runs"][0]["cells"][0]
+    assert cell["backend"] == backend and cell["median_ms"] > 0 and cell["gflop"] > 0
+    assert 0 < cell["fraction_of_peak"] < 2
+    assert results["runs"][0]["gemm_peak_gflops"] > 1
+    assert json.loads(out.read_text())["runs"][0]["cells"] == results["runs"][0]["cells"]
+    table = bench.report([out, out], markdown_out=tmp_path / "m.md", plot_out=tmp_path / "m.png")
+    assert table.count("perceiver_digits") == 2  # two files merged
+    assert (tmp_path / "m.png").stat().st_size > 0
+
+
+def test_preset_flops_are_in_the_expected_range():
+    model = kp.from_preset("perceiver_digits")
+    x = bench.bench_inputs("perceiver_digits", 1)
+    assert 1e6 < bench.forward_flops(model, x) < 1e8

@@ -1,0 +1,93 @@
+"""Export every family to every target and verify each artefact in its runtime.
+
+The conversion itself runs under the backend its route needs; what the caller's backend
+changes is the `.keras` file handed over. So each backend's run exports one family to every
+target (jax: perceiver, tensorflow: perceiver_io, torch: perceiver_resampler) and the whole
+family x target matrix from this backend is the slow-marked test.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_perceiver.converters import ROUTES, export
+from keras_perceiver.examples import SMALL_MODELS, build_small
+
+FAMILY_FOR_BACKEND = {"jax": "perceiver", "tensorflow": "perceiver_io", "torch": "perceiver_resampler"}
+
+
+def _check(report, target, path):
+    assert report.verified and report.target == target
+    assert report.path == str(path) and path.exists()
+    assert report.size_bytes > 0
+    assert report.max_abs_error <= 1e-4
+    if target == "coreml":
+        assert not report.dynamic and "static" in report.notes
+        assert len(report.checked_shapes) == 1
+    else:
+        assert report.dynamic
+        assert len(report.checked_shapes) == 2 and report.checked_shapes[0] != report.checked_shapes[1]
+
+
+def _export_and_check(name, target, tmp_path):
+    keras.utils.set_random_seed(0)
+    model = build_small(name)
+    path = tmp_path / f"{name}_{target}"
+    _check(export(model, target, path), target, path)
+
+
+@pytest.mark.parametrize("target", list(ROUTES))
+def test_export_this_backends_family(target, tmp_path):
+    _export_and_check(FAMILY_FOR_BACKEND[keras.backend.backend()], target, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", list(ROUTES))
+@pytest.mark.parametrize("name", list(SMALL_MODELS))
+def test_export_every_family(name, target, tmp_path):
+    _export_and_check(name, target, tmp_path)
+
+
+def test_quantized_tflite_reports_its_error(tmp_path):
+    report = export("perceiver_digits", "tflite", tmp_path / "digits_int8.tflite", quantize="dynamic_int8")
+    assert report.quantize == "dynamic_int8"
+    assert 0 < report.max_abs_error < 1.0  # reported, bounded: int8 weights change the logits a little
+    full = (tmp_path / "digits_int8.tflite").stat().st_size
+    assert full < 0.6 * export("perceiver_digits", "tflite", tmp_path / "digits.tflite").size_bytes
+
+
+def test_existing_path_is_not_overwritten(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export(build_small("perceiver"), "onnx", path)
+    assert path.read_bytes() == b"mine"
+
+
+def test_bad_arguments_name_themselves():
+    with pytest.raises(ValueError, match=r"`target` must be one of .*received 'tensorrt'"):
+        export(build_small("perceiver"), "tensorrt", "x")
+    with pytest.raises(ValueError, match=r"`quantize` for 'openvino' must be one of \[\] or None; received 'dynamic_int8'"):
+        export(build_small("perceiver"), "openvino", "x.xml", quantize="dynamic_int8")
+
+
+def test_missing_runtime_names_the_extra(monkeypatch):
+    import importlib.util
+
+    from keras_perceiver.converters import artefacts
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(artefacts.importlib.util, "find_spec", lambda n: None if n == "openvino" else real(n))
+    with pytest.raises(ImportError, match=r"\['openvino'\].*pip install 'keras-perceiver\[export\]'"):
+        export(build_small("perceiver"), "openvino", "x.xml")
+
+
+def test_export_cli_prints_the_table(tmp_path, capsys):
+    from keras_perceiver.cli import main
+
+    assert main(["export", "perceiver_digits", "--to", "onnx,tflite", "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].startswith("target") and "latency ms" in table
+    assert "onnxruntime" not in table  # the route column names converters, the runtime is implied
+    assert (tmp_path / "perceiver_digits.onnx").exists() and (tmp_path / "perceiver_digits.tflite").exists()
+    assert np.isfinite([float(line.split("|")[4]) for line in table.splitlines()[2:]]).all()
