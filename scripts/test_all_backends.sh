@@ -8,7 +8,7 @@ export TF_CPP_MIN_LOG_LEVEL=3
 failed=()
 for backend in ${BACKENDS:-jax tensorflow torch}; do
   echo "=== KERAS_BACKEND=$backend"
-  KERAS_BACKEND=$backend .venv/bin/python -m pytest -q -p no:cacheprovider "$@" || failed+=("$backend")
+  KERAS_BACKEND=$backend .venv/bin/python -m pytest -q -p no:cacheprovider --durations=12 "$@" || failed+=("$backend")
 done
 if [ ${#failed[@]} -gt 0 ]; then
   echo "FAILED backends: ${failed[*]}"

@@ -14,6 +14,12 @@ from keras_perceiver.converters import ROUTES, export
 from keras_perceiver.examples import SMALL_MODELS, build_small
 
 FAMILY_FOR_BACKEND = {"jax": "perceiver", "tensorflow": "perceiver_io", "torch": "perceiver_resampler"}
+# Tests of the export API that do not depend on the caller's backend (the conversion runs in
+# its own process) run once, in the tensorflow pass, to keep CI short.
+once = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="backend-independent export API check; runs once, in the KERAS_BACKEND=tensorflow pass",
+)
 
 
 def _check(report, target, path):
@@ -48,6 +54,7 @@ def test_export_every_family(name, target, tmp_path):
     _export_and_check(name, target, tmp_path)
 
 
+@once
 def test_quantized_tflite_reports_its_error(tmp_path):
     report = export("perceiver_digits", "tflite", tmp_path / "digits_int8.tflite", quantize="dynamic_int8")
     assert report.quantize == "dynamic_int8"
@@ -82,6 +89,7 @@ def test_missing_runtime_names_the_extra(monkeypatch):
         export(build_small("perceiver"), "openvino", "x.xml")
 
 
+@once
 def test_export_cli_prints_the_table(tmp_path, capsys):
     from keras_perceiver.cli import main
 
