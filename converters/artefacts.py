@@ -334,19 +334,20 @@ def export_all(model_or_preset, targets, directory, quantize=None, overwrite=Fal
 
 
 def format_reports(reports):
+    from keras_perceiver.text_table import text_table
+
     header = ("target", "route", "size", "dynamic", "max abs err", "max rel err", "latency ms", "notes")
-    rows = [header] + [
-        (
-            r.target + (f" ({r.quantize})" if r.quantize else ""), r.route, f"{r.size_bytes / 1e6:.2f} MB",
-            "yes" if r.dynamic else "static", f"{r.max_abs_error:.1e}", f"{r.max_rel_error:.1e}",
-            "-" if r.latency_ms != r.latency_ms else f"{r.latency_ms:.2f}", r.notes or "",
-        )
-        for r in reports
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(
+        header,
+        [
+            (
+                r.target + (f" ({r.quantize})" if r.quantize else ""), r.route, f"{r.size_bytes / 1e6:.2f} MB",
+                "yes" if r.dynamic else "static", f"{r.max_abs_error:.1e}", f"{r.max_rel_error:.1e}",
+                "-" if r.latency_ms != r.latency_ms else f"{r.latency_ms:.2f}", r.notes or "",
+            )
+            for r in reports
+        ],
+    )
 
 
 if __name__ == "__main__":

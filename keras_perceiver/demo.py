@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from keras_perceiver.text_table import text_table
+
 BACKENDS = ("jax", "tensorflow", "torch")
 
 
@@ -95,17 +97,13 @@ def format_table(rows, first_backend):
         "model", "backend", "params", "eager ms", "compiled ms", "compile s",
         "compiled vs eager", f"parity vs {first_backend}",
     )
-    lines = [header] + [
-        (
-            r["model"], r["backend"], f"{r['params']:,}", f"{r['eager_ms']:.2f}", f"{r['compiled_ms']:.2f}",
-            f"{r['compile_s']:.1f}", f"{r['compiled_vs_eager']:.1e}", f"{r['parity']:.1e}",
-        )
-        for r in rows
-    ]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = []
-    for i, line in enumerate(lines):
-        out.append(" | ".join(cell.ljust(w) for cell, w in zip(line, widths)))
-        if i == 0:
-            out.append("-+-".join("-" * w for w in widths))
-    return "\n".join(out)
+    return text_table(
+        header,
+        [
+            (
+                r["model"], r["backend"], f"{r['params']:,}", f"{r['eager_ms']:.2f}", f"{r['compiled_ms']:.2f}",
+                f"{r['compile_s']:.1f}", f"{r['compiled_vs_eager']:.1e}", f"{r['parity']:.1e}",
+            )
+            for r in rows
+        ],
+    )
