@@ -13,8 +13,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from keras_perceiver.bench import timed_runs
 
 # target -> (backend the conversion runs under, route, runtime that verifies it)
 ROUTES = {
@@ -295,14 +296,7 @@ def worker(job):
                 for inputs in _sizes(model, job):
                     expected = keras.ops.convert_to_numpy(model(inputs))
                     sets.append((expected, run(inputs), inputs))
-                timed = sets[0][2]
-                run(timed)
-                times = []
-                for _ in range(10):
-                    start = time.perf_counter()
-                    run(timed)
-                    times.append(time.perf_counter() - start)
-                latency = 1000 * float(np.median(times))
+                latency = 1000 * float(np.median(timed_runs(lambda: run(sets[0][2]), 10)))
             for expected, got, inputs in sets:
                 if expected.shape != np.shape(got):
                     raise AssertionError(f"{target}: output shape {np.shape(got)} != Keras {expected.shape}")

@@ -45,6 +45,12 @@ def _timed(fn):
     return time.perf_counter() - start
 
 
+def timed_runs(fn, repeats):
+    """One warm-up call, then `repeats` timed calls: their durations in seconds."""
+    fn()
+    return [_timed(fn) for _ in range(repeats)]
+
+
 def device_description():
     cpu = platform.processor() or platform.machine()
     try:
@@ -87,6 +93,7 @@ def _attention_flops(queries, keys, q_in, kv_in, qk, v, out, self_attention=Fals
 def forward_flops(model, inputs):
     """Multiply-adds x 2 of the matrix products of one forward pass (softmax, norms and
     element-wise work left out: under 1% at these sizes)."""
+    from keras_perceiver.layers.adapters import conv_stem_dims
     from keras_perceiver.models import PerceiverResampler
 
     c = model.config
@@ -105,9 +112,9 @@ def forward_flops(model, inputs):
     length = int(np.prod(data.shape[1:-1])) if "inputs" in inputs else data.shape[1]
     channels = adapter.output_channels(data.shape[-1] if "inputs" in inputs else None)
     if getattr(adapter, "conv_stem_channels", None):
-        side = [((d + 6 - 7) // 2 + 1) for d in data.shape[1:-1]]
-        flops = 2 * int(np.prod(side)) * 49 * data.shape[-1] * adapter.conv_stem_channels
-        length = int(np.prod([(s - 3) // 2 + 1 for s in side]))
+        convolved, pooled = conv_stem_dims(data.shape[1:-1])
+        flops = 2 * int(np.prod(convolved)) * 49 * data.shape[-1] * adapter.conv_stem_channels
+        length = int(np.prod(pooled))
     else:
         flops = 2 * length * data.shape[-1] * (getattr(adapter, "project_channels", None) or 0)
     n, d = c.num_latents, c.latent_channels
@@ -180,8 +187,7 @@ def run_cells(presets, batch, repeats, modes, peak):
                 model.compile(jit_compile=True)
                 fn = lambda: model.predict_on_batch(inputs)  # noqa: E731
                 compile_s = _timed(fn)
-            fn()
-            times = [_timed(fn) for _ in range(repeats)]
+            times = timed_runs(fn, repeats)
             median = statistics.median(times)
             cells.append(
                 dict(

@@ -99,7 +99,7 @@ def main(argv=None):
 
             from keras_perceiver.converters import export_all, format_reports
 
-            print(f"\nperceiver_digits (trained weights) exported and verified in each runtime:")
+            print("\nperceiver_digits (trained weights) exported and verified in each runtime:")
             with tempfile.TemporaryDirectory() as out:
                 print(format_reports(export_all("perceiver_digits", targets, out)))
         return 0

@@ -12,19 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
+from keras_perceiver.bench import timed_runs
 from keras_perceiver.text_table import text_table
 
 BACKENDS = ("jax", "tensorflow", "torch")
 
 
 def _median_ms(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * statistics.median(timed_runs(fn, repeats))
 
 
 def worker(workdir, reference, repeats):

@@ -5,11 +5,14 @@ import math
 import keras
 from keras import ops
 
-from keras_perceiver.layers.position_encoding import (
-    FourierPositionEncoding,
-    TrainablePositionEncoding,
-    fourier_channels,
-)
+from keras_perceiver.layers.position_encoding import FourierPositionEncoding, TrainablePositionEncoding
+
+
+def conv_stem_dims(index_dims):
+    """Spatial sizes after the conv stem's convolution (7x7, stride 2, padded 3) and after its
+    max pool (3x3, stride 2): 224 -> 112 -> 55."""
+    conv = [(d + 6 - 7) // 2 + 1 for d in index_dims]
+    return conv, [(d - 3) // 2 + 1 for d in conv]
 
 
 @keras.saving.register_keras_serializable(package="keras_perceiver")
@@ -138,7 +141,7 @@ class FeatureAdapter(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         dims = input_shape[1:-1]
         if self.conv_stem_channels and None not in dims:
-            dims = [((d + 6 - 7) // 2 + 1 - 3) // 2 + 1 for d in dims]
+            dims = conv_stem_dims(dims)[1]
         length = None if None in dims else math.prod(dims)
         return (input_shape[0], length, self.output_channels(input_shape[-1]))
 

@@ -11,7 +11,7 @@ from keras import ops
 SCORE_BUDGET_BYTES = 64 * 2**20
 
 
-def _expand_mask(key_mask, num_queries):
+def _expand_mask(key_mask):
     """(B, Tk) or (B, Tq, Tk) -> boolean (B, 1, Tq or 1, Tk), broadcastable over heads."""
     key_mask = ops.cast(key_mask, "bool")
     if len(key_mask.shape) == 2:
@@ -96,7 +96,7 @@ def attention(query, key, value, key_mask=None, score_budget_bytes=SCORE_BUDGET_
     mask = None
     row_has_key = None
     if key_mask is not None:
-        mask = _expand_mask(key_mask, query.shape[1])
+        mask = _expand_mask(key_mask)
         # Unmask fully masked rows for the computation (no NaN anywhere, gradients
         # included), then zero their output.
         row_has_key = ops.any(mask, axis=-1, keepdims=True)  # (B, 1, Tq|1, 1)
