@@ -1,8 +1,10 @@
 """Import transformers Perceiver checkpoints (a model instance or a `save_pretrained` dir).
 
 Supported heads: PerceiverForMaskedLM, PerceiverForImageClassificationLearned,
-PerceiverForImageClassificationFourier, PerceiverForImageClassificationConvProcessing. Images are channels-last here (B, H, W, C), where
-transformers takes (B, C, H, W).
+PerceiverForImageClassificationFourier, PerceiverForImageClassificationConvProcessing,
+PerceiverForOpticalFlow, PerceiverForMultimodalAutoencoding. Images and videos are
+channels-last here ((B, H, W, C), (B, T, H, W, C)), where transformers takes (B, C, H, W) and
+(B, T, C, H, W).
 """
 
 import numpy as np
@@ -14,8 +16,10 @@ SUPPORTED = (
     "PerceiverForImageClassificationLearned",
     "PerceiverForImageClassificationFourier",
     "PerceiverForImageClassificationConvProcessing",
+    "PerceiverForOpticalFlow",
+    "PerceiverForMultimodalAutoencoding",
 )
-IMAGE_CLASSIFIERS = SUPPORTED[1:]
+IMAGE_CLASSIFIERS = SUPPORTED[1:4]
 
 
 def _encoder_config(hf):
@@ -99,7 +103,85 @@ def config_from_transformers(hf_model):
             decoder_use_query_residual=decoder.decoding_cross_attention.attention.use_query_residual,
         )
         return "Perceiver", config
+    if kind == "PerceiverForOpticalFlow":
+        prep = hf_model.perceiver.input_preprocessor
+        pe = prep.position_embeddings
+        frames = prep.temporal_downsample
+        decoder = hf_model.perceiver.decoder
+        attention = decoder.decoder.decoding_cross_attention.attention
+        config.update(
+            input_adapter={
+                "type": "features",
+                "input_channels": prep.conv_after_patches.in_features // (frames * prep.spatial_downsample**2),
+                "index_dims": [frames, *hf.train_size],
+                "patch_size": prep.spatial_downsample,
+                "temporal_patch_size": frames,
+                "project_channels": prep.out_channels,
+                "position_encoding": "fourier",
+                "num_bands": pe.num_bands,
+                "max_resolution": list(pe.max_resolution),
+                "concat_pos": pe.concat_pos,
+                "sine_only": pe.sine_only,
+            },
+            output_queries={"type": "inputs"},
+            output_channels=decoder.output_num_channels,
+            output_scale=1.0 / decoder.rescale_factor,
+            decoder_num_heads=attention.self.num_heads,
+            decoder_qk_channels=attention.self.qk_channels,
+            decoder_v_channels=attention.self.v_channels,
+            decoder_use_query_residual=attention.use_query_residual,
+        )
+        return "PerceiverIO", config
+    if kind == "PerceiverForMultimodalAutoencoding":
+        return "PerceiverMultimodalAutoencoder", _multimodal_config(hf_model, config)
     raise ValueError(f"transformers model class must be one of {SUPPORTED}; received {kind}")
+
+
+def _multimodal_config(hf_model, config):
+    hf = hf_model.config
+    prep = hf_model.perceiver.input_preprocessor
+    audio, image = prep.modalities["audio"], prep.modalities["image"]
+    attention = hf_model.perceiver.decoder.decoder.decoding_cross_attention.attention.self
+    image_pe = image.position_embeddings
+    config.update(
+        image_shape=[hf.num_frames, hf.output_shape[2], hf.output_shape[3], image.in_channels],
+        image_patch_size=image.spatial_downsample,
+        image_num_bands=image_pe.num_bands,
+        image_max_resolution=list(image_pe.max_resolution),
+        audio_samples=hf.num_frames * hf.audio_samples_per_frame,
+        audio_samples_per_patch=audio.samples_per_patch,
+        audio_num_bands=audio.position_embeddings.num_bands,
+        num_labels=hf.num_labels,
+        input_padding=prep.min_padding_size,
+        query_padding=hf_model.perceiver.decoder.min_padding_size,
+        label_query_channels=hf._label_trainable_num_channels,
+        decoder_channels=hf.output_num_channels,
+        decoder_num_heads=attention.num_heads,
+        decoder_qk_channels=attention.qk_channels,
+        decoder_v_channels=attention.v_channels,
+    )
+    return config
+
+
+def _multimodal_weights(sd):
+    prep, dec, post = "perceiver.input_preprocessor.", "perceiver.decoder.", "perceiver.output_postprocessor.modalities."
+    values = {"label_mask_token/embeddings": to_numpy(sd[prep + "mask.label"])}
+    for name in ("audio", "image", "label"):
+        if name != "label":
+            values[f"{name}_input_padding/padding"] = to_numpy(sd[prep + f"padding.{name}"])[0]
+        values[f"{name}_query_padding/padding"] = to_numpy(sd[dec + f"padding.{name}"])[0]
+        kernel, bias = linear(sd[post + f"{name}.classifier.weight"], sd[post + f"{name}.classifier.bias"])
+        values.update({f"{name}_output/kernel": kernel, f"{name}_output/bias": bias})
+    projection, projection_bias = linear(sd[dec + "decoder.final_layer.weight"], sd[dec + "decoder.final_layer.bias"])
+    values.update(
+        {
+            "label_query/embeddings": to_numpy(sd[dec + "modalities.label.decoder.output_position_encodings.position_embeddings"]),
+            "decoder_projection/kernel": projection,
+            "decoder_projection/bias": projection_bias,
+        }
+    )
+    values.update(_layer(sd, dec + "decoder.decoding_cross_attention.", "decoder/", cross=True))
+    return values
 
 
 def _layer(sd, prefix, ours, cross):
@@ -166,6 +248,23 @@ def weights_from_transformers(hf_model, config):
             }
         )
         values.update(_layer(sd, dec + "decoding_cross_attention.", "decoder/", cross=True))
+        return values
+    if kind == "PerceiverForOpticalFlow":
+        prep, dec = "perceiver.input_preprocessor.", "perceiver.decoder.decoder."
+        projection, projection_bias = linear(sd[prep + "conv_after_patches.weight"], sd[prep + "conv_after_patches.bias"])
+        output, output_bias = linear(sd[dec + "final_layer.weight"], sd[dec + "final_layer.bias"])
+        values.update(
+            {
+                "input_adapter/projection/kernel": projection,
+                "input_adapter/projection/bias": projection_bias,
+                "output_projection/kernel": output,
+                "output_projection/bias": output_bias,
+            }
+        )
+        values.update(_layer(sd, dec + "decoding_cross_attention.", "decoder/", cross=True))
+        return values
+    if kind == "PerceiverForMultimodalAutoencoding":
+        values.update(_multimodal_weights(sd))
         return values
     prep, dec = "perceiver.input_preprocessor.", "perceiver.decoder.decoder."
     if kind.endswith("Learned"):

@@ -8,6 +8,8 @@ from keras_perceiver.models import (
     PerceiverConfig,
     PerceiverIO,
     PerceiverIOConfig,
+    PerceiverMultimodalAutoencoder,
+    PerceiverMultimodalConfig,
     PerceiverResampler,
     PerceiverResamplerConfig,
 )

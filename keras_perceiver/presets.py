@@ -17,9 +17,11 @@ from pathlib import Path
 
 import keras
 
-from keras_perceiver.models import Perceiver, PerceiverIO, PerceiverResampler
+from keras_perceiver.models import Perceiver, PerceiverIO, PerceiverMultimodalAutoencoder, PerceiverResampler
 
-MODEL_CLASSES = {cls.__name__: cls for cls in (Perceiver, PerceiverIO, PerceiverResampler)}
+MODEL_CLASSES = {
+    cls.__name__: cls for cls in (Perceiver, PerceiverIO, PerceiverMultimodalAutoencoder, PerceiverResampler)
+}
 CONFIG_FILE, WEIGHTS_FILE, METADATA_FILE = "config.json", "model.weights.h5", "metadata.json"
 HF_PREFIX = "hf://"
 

@@ -67,3 +67,47 @@ def test_unsupported_head_is_refused():
     config = transformers.PerceiverConfig(d_latents=32, num_latents=4, num_self_attends_per_block=1, d_model=32)
     with pytest.raises(ValueError, match="must be one of.*received PerceiverForSequenceClassification"):
         from_transformers(transformers.PerceiverForSequenceClassification(config))
+
+
+@pytest.mark.parametrize("encoder", list(ENCODERS))
+def test_optical_flow_parity(encoder):
+    config = transformers.PerceiverConfig(train_size=[6, 8], **ENCODERS[encoder])
+    reference = _perturbed(transformers.PerceiverForOpticalFlow(config))
+    # two frames of 3x3 patches around each pixel: (batch, frames, 27, H, W) in transformers
+    patches = np.random.default_rng(2).normal(size=(2, 2, 27, 6, 8)).astype("float32")
+    with torch.no_grad():
+        expected = reference(inputs=torch.from_numpy(patches)).logits.numpy()
+    model = from_transformers(reference)
+    out = to_numpy(model(patches.transpose(0, 1, 3, 4, 2)))
+    assert out.shape == expected.shape == (2, 6, 8, 2)
+    assert np.abs(out - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize("encoder", list(ENCODERS))
+def test_multimodal_autoencoding_parity(encoder):
+    config = transformers.PerceiverConfig(
+        num_frames=2, image_size=8, audio_samples_per_frame=8, samples_per_patch=4, output_shape=[1, 2, 8, 8],
+        output_num_channels=12, num_labels=5, _label_trainable_num_channels=20, **ENCODERS[encoder],
+    )
+    reference = _perturbed(transformers.PerceiverForMultimodalAutoencoding(config))
+    rng = np.random.default_rng(3)
+    video = rng.normal(size=(2, 2, 3, 8, 8)).astype("float32")
+    audio = rng.normal(size=(2, 16, 1)).astype("float32")
+    image_points, audio_points = np.arange(40, 75), np.array([3, 0, 2])  # a chunk; any order
+    with torch.no_grad():
+        expected = reference(
+            inputs={"image": torch.from_numpy(video), "audio": torch.from_numpy(audio), "label": torch.zeros(2, 5)},
+            subsampled_output_points={
+                "image": torch.from_numpy(image_points), "audio": torch.from_numpy(audio_points), "label": None,
+            },
+        ).logits
+    model = from_transformers(reference)
+    out = model({
+        "image": video.transpose(0, 1, 3, 4, 2), "audio": audio,
+        "image_output_points": np.tile(image_points, (2, 1)).astype("int32"),
+        "audio_output_points": np.tile(audio_points, (2, 1)).astype("int32"),
+    })
+    shapes = {"image": (2, 35, 3), "audio": (2, 12), "label": (2, 5)}
+    for name, shape in shapes.items():
+        assert to_numpy(out[name]).shape == tuple(expected[name].shape) == shape
+        assert np.abs(to_numpy(out[name]) - expected[name].numpy()).max() <= 1e-4, name

@@ -6,6 +6,7 @@ from keras_perceiver.layers.blocks import CrossAttentionBlock, FeedForward, Self
 from keras_perceiver.layers.encoder import EncoderConfig, PerceiverEncoder
 from keras_perceiver.layers.gated_cross_attention import GatedCrossAttentionBlock
 from keras_perceiver.layers.position_encoding import (
+    FourierPointEncoding,
     FourierPositionEncoding,
     TrainablePositionEncoding,
     fourier_features,

@@ -8,6 +8,45 @@ from keras import ops
 from keras_perceiver.layers.position_encoding import FourierPositionEncoding, TrainablePositionEncoding
 
 
+def space_to_depth(x, patch_size=1, temporal_patch_size=1):
+    """Cut the index axes into patches and stack each patch into channels.
+
+    (B, N, C) -> (B, N/p, p*C); (B, H, W, C) -> (B, H/p, W/p, p*p*C);
+    (B, T, H, W, C) -> (B, T/t, H/p, W/p, t*p*p*C), and a time axis of length 1 after
+    patching is dropped (two frames -> one flow field). Within a patch the channel order is
+    (time, row, column, channel), as DeepMind's and transformers' `space_to_depth`. Kept at
+    rank <= 6 for the export runtimes.
+    """
+    p, t = patch_size or 1, temporal_patch_size or 1
+    dims = tuple(x.shape[1:-1])
+    c = x.shape[-1]
+    if len(dims) == 1:
+        return ops.reshape(x, (-1, dims[0] // p, p * c))
+    time, (h, w) = (dims[0] if len(dims) == 3 else 1), dims[-2:]
+    if p > 1:
+        x = ops.reshape(x, (-1, h // p, p, w // p, p, c))
+        x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
+        h, w, c = h // p, w // p, p * p * c
+    if len(dims) == 2:
+        return ops.reshape(x, (-1, h, w, c))
+    x = ops.reshape(x, (-1, time // t, t, h * w, c))
+    x = ops.transpose(x, (0, 1, 3, 2, 4))
+    if time // t == 1:
+        return ops.reshape(x, (-1, h, w, t * c))
+    return ops.reshape(x, (-1, time // t, h, w, t * c))
+
+
+def patched_dims(index_dims, patch_size=1, temporal_patch_size=1):
+    """Index dims after `space_to_depth` (a time axis of length 1 is dropped)."""
+    p, t = patch_size or 1, temporal_patch_size or 1
+    if len(index_dims) == 1:
+        return [index_dims[0] // p]
+    dims = [d // p for d in index_dims[-2:]]
+    if len(index_dims) == 3 and index_dims[0] // t != 1:
+        dims = [index_dims[0] // t] + dims
+    return dims
+
+
 def conv_stem_dims(index_dims):
     """Spatial sizes after the conv stem's convolution (7x7, stride 2, padded 3) and after its
     max pool (3x3, stride 2): 224 -> 112 -> 55."""
@@ -19,7 +58,8 @@ def conv_stem_dims(index_dims):
 class FeatureAdapter(keras.layers.Layer):
     """(batch, *index_dims, C) -> (batch, prod(index_dims), C').
 
-    An optional convolutional stem (`conv_stem_channels`: 7x7 stride-2 convolution padded 3,
+    Optional patches first (`patch_size`, `temporal_patch_size`: `space_to_depth`, as
+    transformers' "patches" preprocessing of video, audio and flow), an optional convolutional stem (`conv_stem_channels`: 7x7 stride-2 convolution padded 3,
     batch norm, ReLU, 3x3 stride-2 max pool: 224 -> 112 -> 55, as transformers' conv
     checkpoint), an optional per-position linear projection (a 1x1 convolution), then position features:
     `fourier` or `trainable`, optionally linearly projected to `position_projection_channels`,
@@ -30,6 +70,8 @@ class FeatureAdapter(keras.layers.Layer):
     def __init__(
         self,
         index_dims,
+        patch_size=None,
+        temporal_patch_size=None,
         conv_stem_channels=None,
         project_channels=None,
         position_encoding="fourier",
@@ -44,6 +86,16 @@ class FeatureAdapter(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         self.index_dims = tuple(index_dims)
+        self.patch_size = patch_size
+        self.temporal_patch_size = temporal_patch_size
+        if (patch_size or temporal_patch_size) and conv_stem_channels:
+            raise ValueError("FeatureAdapter: use patches or a conv stem, not both")
+        for axis, (size, step) in enumerate(zip(self.index_dims, self._patch_steps())):
+            if step > 1 and (size is None or size % step):
+                raise ValueError(
+                    f"FeatureAdapter: index_dims {self.index_dims} must be static multiples of the patch "
+                    f"sizes {self._patch_steps()}; axis {axis} is {size}"
+                )
         self.conv_stem_channels = conv_stem_channels
         self.project_channels = project_channels
         self.position_encoding = position_encoding
@@ -79,11 +131,28 @@ class FeatureAdapter(keras.layers.Layer):
                     f"received index_dims={self.index_dims}, position_channels={position_channels}"
                 )
             self.positions = TrainablePositionEncoding(
-                self.index_dims, position_channels, name="trainable", dtype=self.dtype_policy
+                tuple(self.grid_dims()), position_channels, name="trainable", dtype=self.dtype_policy
             )
 
+    def _patch_steps(self):
+        """The patch length along each index axis."""
+        p, t = self.patch_size or 1, self.temporal_patch_size or 1
+        if len(self.index_dims) == 3:
+            return (t, p, p)
+        return (p,) * len(self.index_dims)
+
+    def grid_dims(self):
+        """Index dims of the adapted input (after patches or the conv stem)."""
+        dims = list(self.index_dims)
+        if self.patch_size or self.temporal_patch_size:
+            return patched_dims(dims, self.patch_size, self.temporal_patch_size)
+        if self.conv_stem_channels and None not in dims:
+            return conv_stem_dims(dims)[1]
+        return dims
+
     def output_channels(self, input_channels):
-        channels = self.project_channels or self.conv_stem_channels or input_channels
+        patched = input_channels * math.prod(self._patch_steps()) if input_channels else input_channels
+        channels = self.project_channels or self.conv_stem_channels or patched
         if self.position_encoding is None or self.combine == "add":
             return channels
         return channels + self._position_width()
@@ -108,6 +177,9 @@ class FeatureAdapter(keras.layers.Layer):
                 layer.build(shape)
                 shape = layer.compute_output_shape(shape)
             input_shape = shape
+        if self.patch_size or self.temporal_patch_size:
+            grid = patched_dims(list(input_shape[1:-1]), self.patch_size, self.temporal_patch_size)
+            input_shape = (input_shape[0], *grid, input_shape[-1] * math.prod(self._patch_steps()))
         if self.project_channels:
             self.projection = keras.layers.Dense(self.project_channels, name="projection", dtype=self.dtype_policy)
             self.projection.build(input_shape)
@@ -121,6 +193,8 @@ class FeatureAdapter(keras.layers.Layer):
 
     def call(self, inputs):
         x = inputs
+        if self.patch_size or self.temporal_patch_size:
+            x = space_to_depth(x, self.patch_size, self.temporal_patch_size)
         for layer in getattr(self, "stem", ()):
             x = layer(x)
         x = self.projection(x) if self.project_channels else x
@@ -140,7 +214,9 @@ class FeatureAdapter(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         dims = input_shape[1:-1]
-        if self.conv_stem_channels and None not in dims:
+        if self.patch_size or self.temporal_patch_size:
+            dims = patched_dims(list(dims), self.patch_size, self.temporal_patch_size)
+        elif self.conv_stem_channels and None not in dims:
             dims = conv_stem_dims(dims)[1]
         length = None if None in dims else math.prod(dims)
         return (input_shape[0], length, self.output_channels(input_shape[-1]))
@@ -149,6 +225,8 @@ class FeatureAdapter(keras.layers.Layer):
         return {
             **super().get_config(),
             "index_dims": list(self.index_dims),
+            "patch_size": self.patch_size,
+            "temporal_patch_size": self.temporal_patch_size,
             "conv_stem_channels": self.conv_stem_channels,
             "project_channels": self.project_channels,
             "position_encoding": self.position_encoding,

@@ -151,3 +151,56 @@ class TrainablePositionEncoding(keras.layers.Layer):
             "channels": self.channels,
             "resize": self.resize,
         }
+
+
+@keras.saving.register_keras_serializable(package="keras_perceiver")
+class FourierPointEncoding(keras.layers.Layer):
+    """Fourier features of chosen points of a grid, for decoding a subset of a large output
+    (a chunk of a video's pixels) at a time.
+
+    call(points (batch, n) int, flat row-major indices into `index_dims`) ->
+    (batch, n, channels). A point's coordinate on an axis of size `s` is `-1 + 2 * i / s`
+    (not the linspace of `grid_positions`: what transformers' subsampled decoder queries use).
+    """
+
+    def __init__(self, index_dims, num_bands, max_resolution, concat_pos=True, sine_only=False, **kwargs):
+        super().__init__(**kwargs)
+        self.index_dims = tuple(int(d) for d in index_dims)
+        self.num_bands = num_bands
+        self.max_resolution = tuple(max_resolution)
+        self.concat_pos = concat_pos
+        self.sine_only = sine_only
+
+    @property
+    def channels(self):
+        return fourier_channels(len(self.max_resolution), self.num_bands, self.concat_pos, self.sine_only)
+
+    def call(self, points):
+        rest = ops.cast(points, "int32")
+        coords = []
+        for size in reversed(self.index_dims):
+            coords.append(-1.0 + 2.0 * ops.cast(ops.mod(rest, size), "float32") / size)
+            rest = ops.floor_divide(rest, size)
+        positions = ops.stack(coords[::-1], axis=-1)  # (batch, n, d)
+        features = fourier_features(
+            ops.reshape(positions, (-1, len(self.index_dims))),
+            self.num_bands,
+            self.max_resolution,
+            self.concat_pos,
+            self.sine_only,
+        )
+        shape = ops.shape(points)
+        return ops.cast(ops.reshape(features, (shape[0], shape[1], self.channels)), self.compute_dtype)
+
+    def compute_output_shape(self, points_shape):
+        return tuple(points_shape) + (self.channels,)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "index_dims": list(self.index_dims),
+            "num_bands": self.num_bands,
+            "max_resolution": list(self.max_resolution),
+            "concat_pos": self.concat_pos,
+            "sine_only": self.sine_only,
+        }

@@ -1,2 +1,3 @@
 from keras_perceiver.models.perceiver import Perceiver, PerceiverConfig, PerceiverIO, PerceiverIOConfig
 from keras_perceiver.models.resampler import PerceiverResampler, PerceiverResamplerConfig
+from keras_perceiver.models.multimodal import PerceiverMultimodalAutoencoder, PerceiverMultimodalConfig

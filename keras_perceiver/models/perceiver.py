@@ -41,7 +41,7 @@ class _ReadWriteConfig(EncoderConfig):
 
 
 def _encode(config, dtype):
-    """Named inputs -> adapter -> encoder. Returns (inputs dict, latents, adapter)."""
+    """Named inputs -> adapter -> encoder. Returns (inputs dict, adapted inputs, latents, adapter)."""
     spec = config.input_adapter
     if spec.get("type") == "tokens":
         inputs = {"token_ids": keras.Input((None,), dtype="int32", name="token_ids")}
@@ -58,7 +58,7 @@ def _encode(config, dtype):
     if config.use_input_mask:
         mask = keras.layers.Reshape((-1,), name="flatten_mask")(inputs["input_mask"])
     latents = PerceiverEncoder(config.encoder_config(), name="encoder", dtype=dtype)(x, input_mask=mask)
-    return inputs, latents, adapter
+    return inputs, x, latents, adapter
 
 
 def _decode(config, queries, latents, dtype):
@@ -114,7 +114,7 @@ class Perceiver(_ReadWriteModel):
 
     @classmethod
     def build_graph(cls, config, dtype):
-        inputs, latents, _ = _encode(config, dtype)
+        inputs, _, latents, _ = _encode(config, dtype)
         if config.pooling == "mean":
             pooled = ops.mean(latents, axis=1)
         else:
@@ -132,9 +132,11 @@ def _default_output_queries():
 class PerceiverIOConfig(_ReadWriteConfig):
     # {"type": "learned", "num_queries": O, "channels": C} or {"type": "fourier",
     # "index_dims": [...], "num_bands": K, "max_resolution": [...], "concat_pos": bool,
-    # "sine_only": bool}: one query per output element.
+    # "sine_only": bool}: one query per output element; or {"type": "inputs"}: the adapted
+    # inputs themselves are the queries (dense prediction on the input grid, e.g. optical flow).
     output_queries: dict = dataclasses.field(default_factory=_default_output_queries)
     output_channels: Optional[int] = None  # a final projection of the decoded queries
+    output_scale: float = 1.0  # multiplies the outputs (the flow model predicts flow / 100)
     # Token logits through the input embedding plus a bias (the masked language model).
     tie_output_to_input_embedding: bool = False
 
@@ -148,8 +150,13 @@ class PerceiverIOConfig(_ReadWriteConfig):
                 f"received input_adapter type {self.input_adapter.get('type')!r}, output_channels={self.output_channels}"
             )
         kind = self.output_queries.get("type")
-        if kind not in ("learned", "fourier"):
-            raise ValueError(f"output_queries `type` must be 'learned' or 'fourier'; received {kind!r}")
+        if kind not in ("learned", "fourier", "inputs"):
+            raise ValueError(f"output_queries `type` must be 'learned', 'fourier' or 'inputs'; received {kind!r}")
+        if kind == "inputs" and self.input_adapter.get("type") != "features":
+            raise ValueError(
+                "output_queries of type 'inputs' need a 'features' input_adapter; "
+                f"received input_adapter type {self.input_adapter.get('type')!r}"
+            )
 
 
 @keras.saving.register_keras_serializable(package="keras_perceiver")
@@ -157,17 +164,21 @@ class PerceiverIO(_ReadWriteModel):
     """Perceiver IO: inputs -> latents -> output queries cross-attend -> outputs.
 
     Output: (batch, num_queries, channels), or (batch, *index_dims, channels) for Fourier
-    queries over an output grid.
+    queries over an output grid and for input queries over the adapted input grid.
     """
 
     config_class = PerceiverIOConfig
 
     @classmethod
     def build_graph(cls, config, dtype):
-        inputs, latents, adapter = _encode(config, dtype)
+        inputs, adapted, latents, adapter = _encode(config, dtype)
         spec = dict(config.output_queries)
         kind = spec.pop("type")
-        if kind == "learned":
+        if kind == "inputs":
+            queries, index_dims = adapted, tuple(adapter.grid_dims())
+            if None in index_dims:
+                index_dims = (None,)
+        elif kind == "learned":
             index_dims = (spec["num_queries"],)
             queries = TrainablePositionEncoding(index_dims, spec["channels"], name="output_queries", dtype=dtype)(
                 latents
@@ -186,6 +197,8 @@ class PerceiverIO(_ReadWriteModel):
         outputs = _decode(config, queries, latents, dtype)
         if config.output_channels:
             outputs = keras.layers.Dense(config.output_channels, name="output_projection", dtype=dtype)(outputs)
+        if config.output_scale != 1.0:
+            outputs = outputs * config.output_scale
         if config.tie_output_to_input_embedding:
             outputs = TiedEmbeddingLogits(adapter.embedding, name="token_logits", dtype=dtype)(outputs)
         if len(index_dims) > 1:
