@@ -169,6 +169,7 @@ def run_cells(presets, batch, repeats, modes, peak):
     import keras
 
     import keras_perceiver as kp
+    from keras_perceiver.examples import outputs_to_numpy
 
     backend = keras.backend.backend()
     cells = []
@@ -181,7 +182,7 @@ def run_cells(presets, batch, repeats, modes, peak):
         flops = forward_flops(model, inputs)
         for mode in modes:
             if mode == "eager":
-                fn = lambda: keras.ops.convert_to_numpy(model(inputs))  # noqa: E731
+                fn = lambda: outputs_to_numpy(model(inputs))  # noqa: E731
                 compile_s = 0.0
             else:
                 model.compile(jit_compile=True)

@@ -26,7 +26,7 @@ def worker(workdir, reference, repeats):
     """Runs under one backend (the process's KERAS_BACKEND); writes results_<backend>.json."""
     import keras
 
-    from keras_perceiver.examples import SMALL_MODELS, build_small, example_inputs
+    from keras_perceiver.examples import SMALL_MODELS, build_small, example_inputs, outputs_to_numpy
 
     workdir = Path(workdir)
     backend = keras.backend.backend()
@@ -43,10 +43,10 @@ def worker(workdir, reference, repeats):
             model = keras.saving.load_model(model_path)
             inputs = dict(np.load(inputs_path))
         eager_ms = _median_ms(lambda: model(inputs), repeats)
-        eager = keras.ops.convert_to_numpy(model(inputs))
+        eager = outputs_to_numpy(model(inputs))
         model.compile(jit_compile=True)
         start = time.perf_counter()
-        compiled = model.predict_on_batch(inputs)
+        compiled = outputs_to_numpy(model.predict_on_batch(inputs))
         compile_s = time.perf_counter() - start
         compiled_ms = _median_ms(lambda: model.predict_on_batch(inputs), repeats)
         outputs_path = workdir / f"{name}_outputs.npy"

@@ -6,7 +6,7 @@ exercise the same models.
 
 import numpy as np
 
-from keras_perceiver.models import Perceiver, PerceiverIO, PerceiverResampler
+from keras_perceiver.models import Perceiver, PerceiverIO, PerceiverMultimodalAutoencoder, PerceiverResampler
 
 _ENCODER = dict(
     num_latents=16,
@@ -47,6 +47,31 @@ SMALL_MODELS = {
             use_input_mask=True,
         ),
     ),
+    # optical flow: two frames patched together, every pixel queries its own flow vector
+    "perceiver_io_flow": (
+        PerceiverIO,
+        dict(
+            _ENCODER,
+            input_adapter={
+                "type": "features", "input_channels": 27, "index_dims": [2, 6, 8], "temporal_patch_size": 2,
+                "project_channels": 16, "num_bands": 4, "max_resolution": [6, 8],
+            },
+            output_queries={"type": "inputs"},
+            output_channels=2,
+            output_scale=0.01,
+            decoder_use_query_residual=False,
+        ),
+    ),
+    # video + audio + label autoencoder, decoded at chosen output points
+    "perceiver_multimodal": (
+        PerceiverMultimodalAutoencoder,
+        dict(
+            _ENCODER,
+            image_shape=[2, 8, 8, 3], image_num_bands=4, image_max_resolution=[2, 8, 8],
+            audio_samples=32, audio_samples_per_patch=4, audio_num_bands=8,
+            num_labels=10, label_query_channels=16, decoder_channels=16,
+        ),
+    ),
     "perceiver_resampler": (
         PerceiverResampler,
         dict(dim=64, depth=2, num_heads=4, head_channels=16, num_latents=8, num_media_embeds=4, max_num_frames=2),
@@ -74,7 +99,9 @@ def example_inputs(model, batch=2, length=None, seed=0):
         shapes["media"][1:4] = [2, 2, length or 12]  # T, F, V
     result = {}
     for name, dims in shapes.items():
-        if name == "token_ids":
+        if name.endswith("_output_points"):
+            result[name] = rng.integers(0, model.output_point_limits[name], size=dims).astype("int32")
+        elif name == "token_ids":
             vocab = model.config.input_adapter["vocab_size"]
             result[name] = rng.integers(0, vocab, size=dims).astype("int32")
         elif name.endswith("_mask"):
@@ -87,3 +114,14 @@ def example_inputs(model, batch=2, length=None, seed=0):
         else:
             result[name] = rng.normal(size=dims).astype("float32")
     return result
+
+
+def outputs_to_numpy(outputs):
+    """A model's outputs as one NumPy array: a dict of outputs (the multimodal autoencoder)
+    becomes its arrays flattened per example and concatenated in key order, (batch, -1)."""
+    import keras
+
+    if isinstance(outputs, dict):
+        parts = [keras.ops.convert_to_numpy(outputs[k]) for k in sorted(outputs)]
+        return np.concatenate([p.reshape(p.shape[0], -1) for p in parts], axis=1)
+    return np.asarray(keras.ops.convert_to_numpy(outputs))

@@ -194,11 +194,16 @@ class PerceiverMultimodalAutoencoder(ConfiguredModel):
         outputs["label"] = keras.layers.Reshape((config.num_labels,), name="label_logits", dtype=dtype)(outputs["label"])
         return inputs, outputs
 
+    @property
+    def output_point_limits(self):
+        """{input name: number of points it indexes}."""
+        return {
+            "image_output_points": math.prod(self.config.image_shape[:3]),
+            "audio_output_points": self.config.audio_patches,
+        }
+
     def check_input_relations(self, inputs):
-        for name, limit in (
-            ("image_output_points", math.prod(self.config.image_shape[:3])),
-            ("audio_output_points", self.config.audio_patches),
-        ):
+        for name, limit in self.output_point_limits.items():
             points = inputs[name]
             if isinstance(points, np.ndarray) and points.size:  # checkable without a device sync
                 low, high = int(points.min()), int(points.max())
