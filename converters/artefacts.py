@@ -210,7 +210,9 @@ def _coreml(model, job):
     spec = mlmodel.get_spec()
     for old, new in zip([i.name for i in spec.description.input], names):
         ct.utils.rename_feature(spec, old, new)
-    ct.utils.rename_feature(spec, spec.description.output[0].name, "outputs")
+    keys = output_keys(model) or ["outputs"]
+    for old, new in zip([o.name for o in spec.description.output], keys):
+        ct.utils.rename_feature(spec, old, new)
     mlmodel = ct.models.MLModel(spec, weights_dir=mlmodel.weights_dir)
     mlmodel.short_description = "keras_perceiver export; static input shapes: " + ", ".join(
         f"{n}{tuple(inputs[n].shape)}" for n in names
@@ -220,14 +222,14 @@ def _coreml(model, job):
 
 
 def _runner(target, out, model_names):
-    """-> function(inputs dict) -> first output as NumPy, in the artefact's runtime."""
+    """-> function(inputs dict) -> {output name: NumPy array}, in the artefact's runtime."""
     import numpy as np
 
     if target == "saved_model":
         import tensorflow as tf
 
         fn = tf.saved_model.load(out).signatures["serving_default"]
-        return lambda x: next(iter(fn(**{k: tf.constant(v) for k, v in x.items()}).values())).numpy()
+        return lambda x: {k: v.numpy() for k, v in fn(**{k: tf.constant(v) for k, v in x.items()}).items()}
     if target == "tflite":
         from ai_edge_litert.interpreter import Interpreter
 
@@ -237,7 +239,7 @@ def _runner(target, out, model_names):
             key = tuple((k, v.shape) for k, v in sorted(x.items()))
             if key not in runners:
                 runners[key] = Interpreter(model_path=out).get_signature_runner()
-            return next(iter(runners[key](**x).values()))
+            return runners[key](**x)
 
         return run
     if target == "onnx":
@@ -246,18 +248,48 @@ def _runner(target, out, model_names):
         session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
         # tf2onnx may prefix input names; match them by suffix
         names = {i.name: next(n for n in model_names if i.name.endswith(n)) for i in session.get_inputs()}
-        return lambda x: session.run(None, {onnx_name: x[ours] for onnx_name, ours in names.items()})[0]
+        outputs = [o.name for o in session.get_outputs()]
+        return lambda x: dict(zip(outputs, session.run(None, {onnx_name: x[ours] for onnx_name, ours in names.items()})))
     if target == "openvino":
         import openvino as ov
 
         compiled = ov.Core().compile_model(out, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        return lambda x: np.asarray(next(iter(compiled(x).values())))
+        return lambda x: {
+            "|".join(sorted(port.get_names())) or str(i): np.asarray(value)
+            for i, (port, value) in enumerate(compiled(x).items())
+        }
     raise ValueError(target)
+
+
+def output_keys(model):
+    """Sorted names of a model's dict outputs, or None for a single output."""
+    return sorted(model.output) if isinstance(model.output, dict) else None
+
+
+def select_outputs(outputs, keys, target):
+    """A runtime's {name: array} -> one array laid out as `outputs_to_numpy` lays out the
+    Keras outputs. Several outputs are matched to the Keras names by the name they carry."""
+    import numpy as np
+
+    if keys is None:
+        if len(outputs) != 1:
+            raise AssertionError(f"{target}: expected one output; received {sorted(outputs)}")
+        return np.asarray(next(iter(outputs.values())))
+    parts = []
+    for key in keys:
+        found = [name for name in outputs if key in name.replace(":", "/").replace("|", "/").split("/") or name == key]
+        if len(found) != 1:
+            raise AssertionError(f"{target}: cannot tell output {key!r} among {sorted(outputs)}")
+        part = np.asarray(outputs[found[0]])
+        parts.append(part.reshape(part.shape[0], -1))
+    return np.concatenate(parts, axis=1)
 
 
 def worker(job):
     import keras
     import numpy as np
+
+    from keras_perceiver.examples import outputs_to_numpy
 
     model, notes = _load(job)
     model(_sizes(model, job)[0])  # Keras' ONNX export wants a model that has been called
@@ -276,14 +308,16 @@ def worker(job):
                 import platform
 
                 program, args = converted
-                expected = keras.ops.convert_to_numpy(model(dict(zip(names, [a.numpy() for a in args]))))
-                got = program.module()(*args).detach().numpy()
+                expected = outputs_to_numpy(model(dict(zip(names, [a.numpy() for a in args]))))
+                got = outputs_to_numpy(keras.tree.map_structure(lambda t: t.detach().numpy(), program.module()(*args)))
                 sets = [(expected, got, {n: a.numpy() for n, a in zip(names, args)})]
                 if platform.system() == "Darwin":
                     import coremltools as ct
 
                     mlmodel = ct.models.MLModel(job["out"])
-                    prediction = mlmodel.predict({n: a.numpy() for n, a in zip(names, args)})["outputs"]
+                    prediction = select_outputs(
+                        mlmodel.predict({n: a.numpy() for n, a in zip(names, args)}), output_keys(model), target
+                    )
                     sets.append((expected, prediction, sets[0][2]))
                     notes = (notes + "; " if notes else "") + "CoreML predictions checked on macOS"
                 else:
@@ -294,8 +328,8 @@ def worker(job):
                 run = _runner(target, job["out"], names)
                 sets = []
                 for inputs in _sizes(model, job):
-                    expected = keras.ops.convert_to_numpy(model(inputs))
-                    sets.append((expected, run(inputs), inputs))
+                    expected = outputs_to_numpy(model(inputs))
+                    sets.append((expected, select_outputs(run(inputs), output_keys(model), target), inputs))
                 latency = 1000 * float(np.median(timed_runs(lambda: run(sets[0][2]), 10)))
             for expected, got, inputs in sets:
                 if expected.shape != np.shape(got):

@@ -21,7 +21,7 @@ def _run(model, inputs):
         ("perceiver", (2, 10)),
         ("perceiver_io", (2, 128, 262)),
         ("perceiver_io_flow", (2, 6, 8, 2)),
-        ("perceiver_multimodal", {"audio": (2, 24 * 4), "image": (2, 24, 3), "label": (2, 10)}),
+        ("perceiver_multimodal", {"reconstructed_audio": (2, 24 * 4), "reconstructed_image": (2, 24, 3), "label_logits": (2, 10)}),
         ("perceiver_resampler", (2, 2, 8, 64)),
     ],
 )

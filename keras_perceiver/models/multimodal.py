@@ -97,8 +97,9 @@ class PerceiverMultimodalAutoencoder(ConfiguredModel):
     to decode: `image_output_points` (batch, n) flat indices into (frames, H, W) and
     `audio_output_points` (batch, m) indices of audio patches. A whole video is too many
     queries at once (16 x 224 x 224), so it is decoded in chunks, as in the paper.
-    Outputs: `image` (batch, n, C), `audio` (batch, m * samples_per_patch) and `label`
-    (batch, num_labels) logits.
+    Outputs: `reconstructed_image` (batch, n, C), `reconstructed_audio` (batch, m *
+    samples_per_patch) and `label_logits` (batch, num_labels); transformers' `audio`, `image`,
+    `label` (output names that differ from the input names keep the exported graphs unambiguous).
 
     The label enters the encoder as a learned mask token, as in the checkpoint at inference
     (transformers masks the label input with probability 1, so its values never matter):
@@ -190,9 +191,11 @@ class PerceiverMultimodalAutoencoder(ConfiguredModel):
             )
             decoded = projection(decoder(padded, latents))
             outputs[name] = keras.layers.Dense(heads[name], name=f"{name}_output", dtype=dtype)(decoded)
-        outputs["audio"] = keras.layers.Reshape((-1,), name="audio_samples", dtype=dtype)(outputs["audio"])
-        outputs["label"] = keras.layers.Reshape((config.num_labels,), name="label_logits", dtype=dtype)(outputs["label"])
-        return inputs, outputs
+        return inputs, {
+            "reconstructed_audio": keras.layers.Reshape((-1,), name="audio_samples", dtype=dtype)(outputs["audio"]),
+            "reconstructed_image": outputs["image"],
+            "label_logits": keras.layers.Reshape((config.num_labels,), name="label_logits", dtype=dtype)(outputs["label"]),
+        }
 
     @property
     def output_point_limits(self):

@@ -198,7 +198,9 @@ class PerceiverIO(_ReadWriteModel):
         if config.output_channels:
             outputs = keras.layers.Dense(config.output_channels, name="output_projection", dtype=dtype)(outputs)
         if config.output_scale != 1.0:
-            outputs = outputs * config.output_scale
+            # a layer, not `outputs * scale`: the functional op traces to aten.multiply, which
+            # coremltools does not convert
+            outputs = keras.layers.Rescaling(config.output_scale, name="output_scale", dtype=dtype)(outputs)
         if config.tie_output_to_input_embedding:
             outputs = TiedEmbeddingLogits(adapter.embedding, name="token_logits", dtype=dtype)(outputs)
         if len(index_dims) > 1:
