@@ -37,6 +37,7 @@ REQUIREMENTS = {
 }
 QUANTIZE = {"tflite": ("dynamic_int8", "float16"), "onnx": ("dynamic_int8",)}
 FLOAT32_TOLERANCE = 1e-4
+COREML_MAX_OPEN_SIZE = 8192  # upper bound of a CoreML RangeDim where the model sets none
 
 
 @dataclasses.dataclass
@@ -184,11 +185,19 @@ def _convert(model, job, work):
 
 
 def _coreml(model, job):
-    """Static shapes (the first input set); returns the exported program that was converted."""
-    import coremltools as ct
-    import torch
+    """Returns the exported program that was converted and the inputs it was traced with.
 
-    names = list(model._inputs_struct)
+    Axes the model leaves open (batch, lengths) stay open: torch.export marks them dynamic
+    (size-oblivious, so that 1 is a valid size too), and each becomes a CoreML `RangeDim`
+    from 1 to the bound torch.export proved, at most COREML_MAX_OPEN_SIZE (an ML program
+    needs a finite bound).
+    """
+    import coremltools as ct
+    import numpy as np
+    import torch
+    import torch.fx.experimental._config as fx_config
+
+    names = list(model.named_inputs)
     inputs = _sizes(model, dict(job, dynamic=False))[0]
 
     class Positional(torch.nn.Module):
@@ -200,25 +209,51 @@ def _coreml(model, job):
             return self.model(dict(zip(names, args)))
 
     args = tuple(torch.from_numpy(inputs[n]) for n in names)
-    program = torch.export.export(Positional().eval(), args, strict=False).run_decompositions({})
+    open_axes = tuple(
+        {axis: torch.export.Dim.AUTO for axis, size in enumerate(model.named_inputs[n].shape) if size is None}
+        for n in names
+    )
+    with fx_config.patch(backed_size_oblivious=True):
+        program = torch.export.export(
+            Positional().eval(), args, dynamic_shapes=(open_axes,) if job["dynamic"] else None, strict=False
+        ).run_decompositions({})
+    upper = {str(symbol): bound.upper for symbol, bound in program.range_constraints.items()}
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    input_types, described = [], []
+    for name, user_input, example in zip(names, program.graph_signature.user_inputs, args):
+        dims = []
+        for size, example_size in zip(placeholders[user_input].meta["val"].shape, example.shape):
+            if str(size) in upper:
+                try:
+                    bound = min(int(upper[str(size)]), COREML_MAX_OPEN_SIZE)
+                except (OverflowError, TypeError, AttributeError):  # sympy's infinity: no bound
+                    bound = COREML_MAX_OPEN_SIZE
+                dims.append(ct.RangeDim(1, bound, default=int(example_size)))
+                described.append(f"{name} axis {len(dims) - 1}: 1..{bound}")
+            else:
+                dims.append(int(size))
+        # CoreML has no bool inputs: masks are float (0 / 1) there
+        dtype = np.float32 if example.dtype in (torch.float32, torch.bool) else np.int32
+        input_types.append(ct.TensorType(name=name, shape=ct.Shape(dims), dtype=dtype))
     mlmodel = ct.convert(
         program,
+        inputs=input_types,
         convert_to="mlprogram",
         minimum_deployment_target=ct.target.iOS17,
         compute_precision=ct.precision.FLOAT32,
     )
     spec = mlmodel.get_spec()
-    for old, new in zip([i.name for i in spec.description.input], names):
-        ct.utils.rename_feature(spec, old, new)
     keys = output_keys(model) or ["outputs"]
     for old, new in zip([o.name for o in spec.description.output], keys):
         ct.utils.rename_feature(spec, old, new)
     mlmodel = ct.models.MLModel(spec, weights_dir=mlmodel.weights_dir)
-    mlmodel.short_description = "keras_perceiver export; static input shapes: " + ", ".join(
-        f"{n}{tuple(inputs[n].shape)}" for n in names
+    mlmodel.short_description = "keras_perceiver export; " + (
+        "dynamic axes: " + ", ".join(described) if described else "static input shapes: " + ", ".join(
+            f"{n}{tuple(inputs[n].shape)}" for n in names
+        )
     )
     mlmodel.save(job["out"])
-    return program, args
+    return program, bool(described)
 
 
 def _runner(target, out, model_names):
@@ -294,35 +329,38 @@ def worker(job):
     model, notes = _load(job)
     model(_sizes(model, job)[0])  # Keras' ONNX export wants a model that has been called
     target = job["target"]
-    names = list(model._inputs_struct)
+    names = list(model.named_inputs)
     with tempfile.TemporaryDirectory() as work:
         converted = _convert(model, job, work)
         size = sum(f.stat().st_size for f in Path(job["out"]).rglob("*")) if Path(job["out"]).is_dir() else Path(job["out"]).stat().st_size
         if target == "openvino":
             size += Path(job["out"]).with_suffix(".bin").stat().st_size
         checked, abs_err, rel_err, latency = [], 0.0, 0.0, float("nan")
-        dynamic = target != "coreml"
+        dynamic = target != "coreml" or converted[1]
         if job["verify"]:
             if target == "coreml":
                 # Off macOS the CoreML runtime is missing: check the program that was converted.
                 import platform
 
-                program, args = converted
-                expected = outputs_to_numpy(model(dict(zip(names, [a.numpy() for a in args]))))
-                got = outputs_to_numpy(keras.tree.map_structure(lambda t: t.detach().numpy(), program.module()(*args)))
-                sets = [(expected, got, {n: a.numpy() for n, a in zip(names, args)})]
+                import torch
+
+                program = converted[0].module()
+                sets = []
+                for inputs in _sizes(model, dict(job, dynamic=dynamic)):
+                    got = program(*[torch.from_numpy(inputs[n]) for n in names])
+                    got = outputs_to_numpy(keras.tree.map_structure(lambda t: t.detach().numpy(), got))
+                    sets.append((outputs_to_numpy(model(inputs)), got, inputs))
                 if platform.system() == "Darwin":
                     import coremltools as ct
 
                     mlmodel = ct.models.MLModel(job["out"])
-                    prediction = select_outputs(
-                        mlmodel.predict({n: a.numpy() for n, a in zip(names, args)}), output_keys(model), target
-                    )
-                    sets.append((expected, prediction, sets[0][2]))
+                    for expected, _, inputs in list(sets):
+                        feed = {n: v.astype("float32") if v.dtype == bool else v for n, v in inputs.items()}
+                        sets.append((expected, select_outputs(mlmodel.predict(feed), output_keys(model), target), inputs))
                     notes = (notes + "; " if notes else "") + "CoreML predictions checked on macOS"
                 else:
                     notes = (notes + "; " if notes else "") + (
-                        "static shapes; CoreML predictions need macOS: checked the converted torch.export program"
+                        "CoreML predictions need macOS: checked the converted torch.export program"
                     )
             else:
                 run = _runner(target, job["out"], names)

@@ -92,7 +92,7 @@ def example_inputs(model, batch=2, length=None, seed=0):
     """
     rng = np.random.default_rng(seed)
     shapes = {}
-    for name, tensor in model._inputs_struct.items():
+    for name, tensor in model.named_inputs.items():
         dims = [batch] + [d if d is not None else (length or 24) for d in tensor.shape[1:]]
         shapes[name] = dims
     if "media" in shapes:

@@ -26,17 +26,31 @@ once = pytest.mark.skipif(
 )
 
 
+def _check_coreml_spec(model, path):
+    """The artefact itself (readable off macOS): names, iOS 17 program, open axes as ranges."""
+    ct = pytest.importorskip("coremltools", reason="needs the export extra (coremltools)")
+    spec = ct.utils.load_spec(str(path))
+    assert spec.specificationVersion >= 8  # iOS 17
+    assert [i.name for i in spec.description.input] == list(model.named_inputs)
+    outputs = sorted(model.output) if isinstance(model.output, dict) else ["outputs"]
+    assert [o.name for o in spec.description.output] == outputs
+    for feature, tensor in zip(spec.description.input, model.named_inputs.values()):
+        ranges = feature.type.multiArrayType.shapeRange.sizeRanges
+        assert len(ranges) == len(tensor.shape)
+        for size_range, size in zip(ranges, tensor.shape):
+            if size is None:
+                assert size_range.lowerBound == 1 and size_range.upperBound > 1
+            else:
+                assert size_range.lowerBound == size_range.upperBound == size
+
+
 def _check(report, target, path):
     assert report.verified and report.target == target
     assert report.path == str(path) and path.exists()
     assert report.size_bytes > 0
     assert report.max_abs_error <= 1e-4
-    if target == "coreml":
-        assert not report.dynamic and "static" in report.notes
-        assert len(report.checked_shapes) == 1
-    else:
-        assert report.dynamic
-        assert len(report.checked_shapes) == 2 and report.checked_shapes[0] != report.checked_shapes[1]
+    assert report.dynamic  # CoreML too: open axes become RangeDims
+    assert len(report.checked_shapes) == 2 and report.checked_shapes[0] != report.checked_shapes[1]
 
 
 def _export_and_check(name, target, tmp_path):
@@ -44,6 +58,8 @@ def _export_and_check(name, target, tmp_path):
     model = build_small(name)
     path = tmp_path / f"{name}_{target}"
     _check(export(model, target, path), target, path)
+    if target == "coreml":
+        _check_coreml_spec(model, path)
 
 
 def test_every_family_is_exported_in_one_pass():

@@ -15,7 +15,7 @@ def space_to_depth(x, patch_size=1, temporal_patch_size=1):
     (B, T, H, W, C) -> (B, T/t, H/p, W/p, t*p*p*C), and a time axis of length 1 after
     patching is dropped (two frames -> one flow field). Within a patch the channel order is
     (time, row, column, channel), as DeepMind's and transformers' `space_to_depth`. Kept at
-    rank <= 6 for the export runtimes.
+    rank <= 5 for the export runtimes (CoreML refuses rank 6).
     """
     p, t = patch_size or 1, temporal_patch_size or 1
     dims = tuple(x.shape[1:-1])
@@ -24,8 +24,9 @@ def space_to_depth(x, patch_size=1, temporal_patch_size=1):
         return ops.reshape(x, (-1, dims[0] // p, p * c))
     time, (h, w) = (dims[0] if len(dims) == 3 else 1), dims[-2:]
     if p > 1:
-        x = ops.reshape(x, (-1, h // p, p, w // p, p, c))
-        x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
+        # (rows of patches, p, W/p, p*C): W and C are adjacent, so a reshape cuts the columns
+        x = ops.reshape(x, (-1, p, w // p, p * c))
+        x = ops.transpose(x, (0, 2, 1, 3))
         h, w, c = h // p, w // p, p * p * c
     if len(dims) == 2:
         return ops.reshape(x, (-1, h, w, c))

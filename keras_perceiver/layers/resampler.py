@@ -32,9 +32,11 @@ def interpolate_embeddings(table, length):
     """Rows 0..length-1 of `table` when it has enough rows, else `table` linearly
     interpolated (end points aligned) to `length` rows. `length` may be a tensor."""
     rows = table.shape[0]
-    steps = ops.cast(ops.arange(length), "float32")
-    stretch = ops.cast(rows - 1, "float32") / ops.cast(ops.maximum(length - 1, 1), "float32")
-    pos = ops.where(length > rows, steps * stretch, steps)
+    # `length` may be a torch.export SymInt, which ops.arange refuses; ops.ones takes it
+    steps = ops.cumsum(ops.ones((length,), "float32")) - 1.0
+    last = ops.max(steps)  # length - 1, as a tensor
+    stretch = (rows - 1) / ops.maximum(last, 1.0)
+    pos = ops.where(last >= rows, steps * stretch, steps)
     low = ops.cast(ops.floor(pos), "int32")
     high = ops.minimum(low + 1, rows - 1)
     weight = ops.cast(ops.expand_dims(pos - ops.cast(low, "float32"), -1), table.dtype)

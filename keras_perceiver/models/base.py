@@ -3,6 +3,7 @@
 import dataclasses
 
 import keras
+import numpy as np
 
 
 def make_config(config_class, config=None, overrides=None):
@@ -80,12 +81,18 @@ class ConfiguredModel(keras.Model):
 
         return save_to_preset(self, path, overwrite=overwrite)
 
+    @property
+    def named_inputs(self):
+        """{input name: symbolic input}, in the order the model was built with (the order
+        exported artefacts take their inputs in)."""
+        return dict(self._inputs_struct)  # the one read of Keras' private input structure
+
     # ----------------------------------------------------------------- input checks
     def standardize_inputs(self, inputs):
         """Dict of named inputs (a bare tensor goes to `primary_input`), validated."""
         if not isinstance(inputs, dict):
             inputs = {self.primary_input: inputs}
-        expected = self._inputs_struct
+        expected = self.named_inputs
         missing = sorted(set(expected) - set(inputs))
         extra = sorted(set(inputs) - set(expected))
         if missing or extra:
@@ -100,7 +107,7 @@ class ConfiguredModel(keras.Model):
     def _check_shape(self, name, shape, expected):
         shape, expected = tuple(shape), tuple(expected)
         ok = len(shape) == len(expected) and all(
-            e is None or s is None or int(s) == int(e) for s, e in zip(shape, expected)
+            e is None or _known(s) is None or _known(s) == int(e) for s, e in zip(shape, expected)
         )
         if not ok:
             raise ValueError(
@@ -125,12 +132,18 @@ def check_mask_matches(model, mask_name, mask_shape, input_name, expected):
     """Raise unless `mask_shape` equals `expected` (the shape of `input_name` it masks)."""
     expected = tuple(expected)
     if len(mask_shape) != len(expected) or any(
-        m is not None and e is not None and int(m) != int(e) for m, e in zip(mask_shape, expected)
+        _known(m) is not None and _known(e) is not None and _known(m) != _known(e) for m, e in zip(mask_shape, expected)
     ):
         raise ValueError(
             f"{type(model).__name__}: input '{mask_name}' must have shape {_show(expected)} to match "
             f"'{input_name}'; received {_show(tuple(mask_shape))}"
         )
+
+
+def _known(size):
+    """A size as an int when it is a number now; None when unknown or symbolic (a torch.export
+    SymInt: comparing it would pin the exported program to this one size)."""
+    return int(size) if isinstance(size, (int, np.integer)) else None
 
 
 def _show(shape):
