@@ -205,11 +205,55 @@ def run_cells(presets, batch, repeats, modes, peak):
     return cells
 
 
+def run_artefacts(presets, targets, batch, repeats, peak):
+    """Cells for exported artefacts: each preset exported to each `target[:quantize]`
+    (verified against Keras on the way), then timed in its runtime on the bench inputs."""
+    from keras_perceiver.converters.artefacts import SUFFIXES, _runner, export
+    from keras_perceiver.models.base import ConfiguredModel  # noqa: F401  (registers classes)
+
+    cells = []
+    for name in presets:
+        inputs = bench_inputs(name, batch)
+        flops = None
+        for spec in targets:
+            target, _, quantize = spec.partition(":")
+            with tempfile.TemporaryDirectory() as work:
+                path = Path(work) / (name + SUFFIXES[target])
+                start = time.perf_counter()
+                report = export(name, target, path, quantize=quantize or None)
+                export_s = time.perf_counter() - start
+                run = _runner(target, str(path), list(inputs))
+                if flops is None:
+                    flops = _flops_of_preset(name, inputs)
+                times = timed_runs(lambda: run(inputs), repeats)
+            median = statistics.median(times)
+            cells.append(
+                dict(
+                    preset=name, backend="artefact", mode=f"{target}" + (f" {quantize}" if quantize else ""),
+                    batch=batch, median_ms=1000 * median, spread_ms=1000 * (max(times) - min(times)),
+                    throughput_per_s=batch / median, compile_s=export_s,
+                    peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                    gflop=flops / 1e9, achieved_gflops=flops / median / 1e9, fraction_of_peak=flops / median / 1e9 / peak,
+                    max_rel_error=report.max_rel_error,
+                )
+            )
+            print(json.dumps(cells[-1]), file=sys.stderr, flush=True)
+    return cells
+
+
+def _flops_of_preset(name, inputs):
+    import keras_perceiver as kp
+
+    return forward_flops(kp.from_preset(name, load_weights=False), inputs)
+
+
 def main_worker(job):
     import keras
 
     peak = gemm_peak_gflops()
-    cells = run_cells(job["presets"], job["batch"], job["repeats"], job["modes"], peak)
+    cells = run_cells(job["presets"], job["batch"], job["repeats"], job["modes"], peak) if job["modes"] else []
+    if job.get("targets"):
+        cells += run_artefacts(job["presets"], job["targets"], job["batch"], job["repeats"], peak)
     peers = run_peers(job["presets"], job["batch"], job["repeats"], peak) if job.get("peers") else []
     Path(job["out"]).write_text(
         json.dumps(
@@ -224,16 +268,17 @@ def main_worker(job):
     )
 
 
-def run(presets, backends, batch=1, repeats=5, modes=("eager", "compiled"), out="bench.json", peers=True):
+def run(presets, backends, batch=1, repeats=5, modes=("eager", "compiled"), out="bench.json", peers=True, targets=()):
     """Run every backend in its own process (peers in the torch one, same process as ours,
-    so the same machine state); merge into one JSON at `out`."""
+    so the same machine state; exported artefacts, `target[:quantize]`, in the first);
+    merge into one JSON at `out`."""
     results = {"device": device_description(), "runs": []}
     total = len(backends)
     started = time.perf_counter()
     for index, backend in enumerate(backends):
         with tempfile.TemporaryDirectory() as work:
             job = dict(presets=presets, batch=batch, repeats=repeats, modes=list(modes), out=os.path.join(work, "r.json"),
-                       peers=peers and backend == "torch")
+                       peers=peers and backend == "torch", targets=list(targets) if index == 0 else [])
             env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
             done = subprocess.run([sys.executable, "-m", "keras_perceiver.bench", json.dumps(job)], env=env)
             if done.returncode:
@@ -244,6 +289,11 @@ def run(presets, backends, batch=1, repeats=5, modes=("eager", "compiled"), out=
         print(f"[{index + 1}/{total} backends done, about {left:.0f} s left]", file=sys.stderr, flush=True)
     Path(out).write_text(json.dumps(results, indent=1))
     return results
+
+
+def _reduced(cell):
+    """Whether a cell ran in reduced precision (a quantized or float16 artefact)."""
+    return "int8" in cell["mode"] or "float16" in cell["mode"]
 
 
 def report(paths, markdown_out=None, plot_out=None):
@@ -267,8 +317,9 @@ def report(paths, markdown_out=None, plot_out=None):
                 )
     peer_lines = [
         "",
-        "| machine | preset | peer | peer mode | peer ms | peer % of GEMM peak | our best | our ms | our time / peer time |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| machine | preset | peer | peer mode | peer ms | peer % of GEMM peak | our best float32 | our ms | our time / peer time "
+        "| our best reduced precision | its ms | peer time / its time | its error / output range |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for path in paths:
         data = json.loads(Path(path).read_text())
@@ -278,14 +329,20 @@ def report(paths, markdown_out=None, plot_out=None):
             machine = f"{device['cpu']} x{device['threads']}"
             for p in run_.get("peers", []):
                 same = [c for c in ours if c["preset"] == p["preset"] and c["batch"] == p["batch"]]
-                if not same:
+                full = [c for c in same if not _reduced(c)]
+                if not full:
                     continue
-                best = min(same, key=lambda c: c["median_ms"])
+                best = min(full, key=lambda c: c["median_ms"])
                 peer_fraction = best["gflop"] / (p["median_ms"] / 1000) / run_["gemm_peak_gflops"]
+                reduced = min([c for c in same if _reduced(c)], key=lambda c: c["median_ms"], default=None)
+                reduced_cells = (
+                    f"{reduced['mode']} | {reduced['median_ms']:.1f} | {p['median_ms'] / reduced['median_ms']:.2f}x | "
+                    f"{reduced['max_rel_error']:.1e}" if reduced else "- | - | - | -"
+                )
                 peer_lines.append(
                     f"| {machine} | {p['preset']} | {p['peer']} | {p['mode']} | {p['median_ms']:.1f} | "
                     f"{100 * peer_fraction:.0f}% | {best['backend']} {best['mode']} | {best['median_ms']:.1f} | "
-                    f"{best['median_ms'] / p['median_ms']:.2f} |"
+                    f"{best['median_ms'] / p['median_ms']:.2f} | {reduced_cells} |"
                 )
     if len(peer_lines) > 3:
         lines += peer_lines

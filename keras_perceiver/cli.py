@@ -63,7 +63,12 @@ def main(argv=None):
     bench = commands.add_parser("bench", help="latency / compile time / memory / %% of GEMM peak per preset x backend x mode")
     bench.add_argument("--presets", default="perceiver_digits", help="comma-separated preset names")
     bench.add_argument("--backends", type=_backends, default="all")
-    bench.add_argument("--modes", default="eager,compiled")
+    bench.add_argument("--modes", default="eager,compiled", help="'' for none (artefacts only)")
+    bench.add_argument(
+        "--targets", default="",
+        help="exported artefacts to time too, target[:quantize], e.g. onnx,onnx:dynamic_int8,openvino,tflite",
+    )
+    bench.add_argument("--no-peers", action="store_true", help="skip the PyTorch originals")
     bench.add_argument("--batch", type=int, default=1)
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--out", default="bench.json")
@@ -138,7 +143,15 @@ def main(argv=None):
         if unknown:
             parser.error(f"--presets: expected names among {','.join(bench_module.BENCH_INPUTS)}; received {','.join(unknown)}")
         backends = args.backends if isinstance(args.backends, list) else _backends(args.backends)
-        bench_module.run(presets, backends, args.batch, args.repeats, args.modes.split(","), args.out)
+        targets = [t for t in args.targets.split(",") if t]
+        from keras_perceiver.converters.artefacts import QUANTIZE, ROUTES
+
+        wrong = [t for t in targets if t.split(":")[0] not in ROUTES or t.split(":")[0] == "coreml"
+                 or (":" in t and t.split(":")[1] not in QUANTIZE.get(t.split(":")[0], ()))]
+        if wrong:
+            parser.error(f"--targets: expected target[:quantize] among {sorted(QUANTIZE)} / saved_model, tflite, onnx, openvino; received {','.join(wrong)}")
+        bench_module.run(presets, backends, args.batch, args.repeats, [m for m in args.modes.split(",") if m], args.out,
+                         peers=not args.no_peers, targets=targets)
         print(bench_module.report([args.out]))
         return 0
     if args.command == "bench-scale":

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 
+from keras_perceiver import presets
 from keras_perceiver.converters import ROUTES, export
 from keras_perceiver.examples import SMALL_MODELS, build_small
 
@@ -124,3 +125,14 @@ def test_export_cli_prints_the_table(tmp_path, capsys):
     assert "onnxruntime" not in table  # the route column names converters, the runtime is implied
     assert (tmp_path / "perceiver_digits.onnx").exists() and (tmp_path / "perceiver_digits.tflite").exists()
     assert np.isfinite([float(line.split("|")[4]) for line in table.splitlines()[2:]]).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", list(ROUTES))
+@pytest.mark.parametrize("preset", [p for p in presets.list_presets() if p != "perceiver_digits"])
+def test_export_real_size_presets(preset, target, tmp_path):
+    """The zoo at the originals' sizes (random weights where the preset ships none)."""
+    path = tmp_path / f"{preset}_{target}"
+    report = export(preset, target, path)
+    _check(report, target, path)
+    assert "random weights" in report.notes
