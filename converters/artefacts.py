@@ -38,7 +38,7 @@ REQUIREMENTS = {
 QUANTIZE = {"tflite": ("dynamic_int8", "float16"), "onnx": ("dynamic_int8",)}
 # Bounds on a quantized artefact's max_rel_error (max abs error / max |Keras output|), unless
 # the preset's zoo file sets its own under "quantized_error_bounds". Measured values: README.
-QUANTIZED_ERROR_BOUNDS = {"float16": 0.02, "dynamic_int8": 0.25}
+QUANTIZED_ERROR_BOUNDS = {"float16": 0.005, "dynamic_int8": 0.15}
 FLOAT32_TOLERANCE = 1e-4
 COREML_MAX_OPEN_SIZE = 8192  # upper bound of a CoreML RangeDim where the model sets none
 
