@@ -154,7 +154,7 @@ class TrainablePositionEncoding(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_perceiver")
-class FourierPointEncoding(keras.layers.Layer):
+class FourierPointEncoding(FourierPositionEncoding):
     """Fourier features of chosen points of a grid, for decoding a subset of a large output
     (a chunk of a video's pixels) at a time.
 
@@ -164,16 +164,9 @@ class FourierPointEncoding(keras.layers.Layer):
     """
 
     def __init__(self, index_dims, num_bands, max_resolution, concat_pos=True, sine_only=False, **kwargs):
-        super().__init__(**kwargs)
-        self.index_dims = tuple(int(d) for d in index_dims)
-        self.num_bands = num_bands
-        self.max_resolution = tuple(max_resolution)
-        self.concat_pos = concat_pos
-        self.sine_only = sine_only
-
-    @property
-    def channels(self):
-        return fourier_channels(len(self.max_resolution), self.num_bands, self.concat_pos, self.sine_only)
+        super().__init__(
+            num_bands, max_resolution, concat_pos, sine_only, index_dims=[int(d) for d in index_dims], **kwargs
+        )
 
     def call(self, points):
         rest = ops.cast(points, "int32")
@@ -194,13 +187,3 @@ class FourierPointEncoding(keras.layers.Layer):
 
     def compute_output_shape(self, points_shape):
         return tuple(points_shape) + (self.channels,)
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "index_dims": list(self.index_dims),
-            "num_bands": self.num_bands,
-            "max_resolution": list(self.max_resolution),
-            "concat_pos": self.concat_pos,
-            "sine_only": self.sine_only,
-        }
