@@ -59,3 +59,21 @@ def test_config_errors():
         build_small("perceiver", activation="swish")
     with pytest.raises(ValueError, match="input_channels"):
         PerceiverConfig(input_adapter={"type": "features", "index_dims": [4]}).validate()
+
+
+def test_flow_and_multimodal_configs_name_what_is_wrong():
+    with pytest.raises(ValueError, match=r"output_queries of type 'inputs' need a 'features' input_adapter; received input_adapter type 'tokens'"):
+        build_small("perceiver_io", output_queries={"type": "inputs"}, output_channels=None)
+    adapter = {"type": "features", "input_channels": 3, "index_dims": [2, 7, 8], "patch_size": 2}
+    with pytest.raises(ValueError, match=r"index_dims \(2, 7, 8\) must be static multiples of the patch sizes \(1, 2, 2\); axis 1 is 7"):
+        build_small("perceiver_io_flow", input_adapter=adapter)
+    with pytest.raises(ValueError, match=r"`audio_samples` must be a multiple of audio_samples_per_patch=4; received 30"):
+        build_small("perceiver_multimodal", audio_samples=30)
+
+
+def test_output_points_out_of_range():
+    model = build_small("perceiver_multimodal")
+    inputs = example_inputs(model)
+    inputs["image_output_points"][0, 0] = 2 * 8 * 8
+    with pytest.raises(ValueError, match=r"'image_output_points' holds indices in \[0, 128\); received values from \d+ to 128"):
+        model(inputs)
