@@ -33,6 +33,7 @@ def main(argv=None):
         help="'all' or e.g. 'jax,torch' (default: the current KERAS_BACKEND); the first is the reference",
     )
     demo.add_argument("--repeats", type=int, default=10, help="timed calls per cell (median reported)")
+    demo.add_argument("--models", default=None, help="comma-separated small models (default: every family)")
     demo.add_argument(
         "--export-to",
         default="saved_model,tflite,onnx,openvino,coreml",
@@ -88,13 +89,20 @@ def main(argv=None):
     worker.add_argument("workdir")
     worker.add_argument("--reference", action="store_true")
     worker.add_argument("--repeats", type=int, default=10)
+    worker.add_argument("--models", default=None)
 
     args = parser.parse_args(argv)
     if args.command == "demo":
         from keras_perceiver import demo as demo_module
 
+        from keras_perceiver.examples import SMALL_MODELS
+
         backends = args.backends or [os.environ.get("KERAS_BACKEND", "tensorflow")]
-        rows = demo_module.run(backends, repeats=args.repeats)
+        models = [m for m in (args.models or ",".join(SMALL_MODELS)).split(",") if m]
+        unknown = [m for m in models if m not in SMALL_MODELS]
+        if unknown or not models:
+            parser.error(f"--models: expected names among {','.join(SMALL_MODELS)}; received {args.models!r}")
+        rows = demo_module.run(backends, repeats=args.repeats, models=models)
         print(demo_module.format_table(rows, backends[0]))
         worst = max(r["parity"] for r in rows)
         print(f"\nlargest cross-backend difference: {worst:.2e} (float32)")
@@ -176,7 +184,7 @@ def main(argv=None):
     if args.command == "demo-worker":
         from keras_perceiver import demo as demo_module
 
-        demo_module.worker(args.workdir, args.reference, args.repeats)
+        demo_module.worker(args.workdir, args.reference, args.repeats, (args.models or "").split(",") if args.models else None)
         return 0
     return 2
 

@@ -22,7 +22,7 @@ def _median_ms(fn, repeats):
     return 1000 * statistics.median(timed_runs(fn, repeats))
 
 
-def worker(workdir, reference, repeats):
+def worker(workdir, reference, repeats, models=None):
     """Runs under one backend (the process's KERAS_BACKEND); writes results_<backend>.json."""
     import keras
 
@@ -31,7 +31,7 @@ def worker(workdir, reference, repeats):
     workdir = Path(workdir)
     backend = keras.backend.backend()
     rows = []
-    for name in SMALL_MODELS:
+    for name in models or SMALL_MODELS:
         model_path, inputs_path = workdir / f"{name}.keras", workdir / f"{name}_inputs.npz"
         if reference:
             keras.utils.set_random_seed(0)
@@ -70,13 +70,15 @@ def worker(workdir, reference, repeats):
     (workdir / f"results_{backend}.json").write_text(json.dumps(rows))
 
 
-def run(backends, repeats=10):
+def run(backends, repeats=10, models=None):
     """Run the worker once per backend (each in its own process); return all rows."""
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for index, backend in enumerate(backends):
             env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
             command = [sys.executable, "-m", "keras_perceiver", "demo-worker", workdir, "--repeats", str(repeats)]
+            if models:
+                command += ["--models", ",".join(models)]
             if index == 0:
                 command.append("--reference")
             done = subprocess.run(command, env=env, capture_output=True, text=True)

@@ -1,4 +1,8 @@
-"""Weights saved under this backend must give the same outputs under the other two."""
+"""Weights saved under this backend must give the same outputs under the next one.
+
+The three CI passes form a cycle (jax -> tensorflow -> torch -> jax), so every backend both
+saves and loads; the main job checks jax -> tensorflow and jax -> torch as well.
+"""
 
 import json
 import os
@@ -14,7 +18,8 @@ from conftest import to_numpy
 from keras_perceiver.examples import SMALL_MODELS, build_small, example_inputs
 
 WORKER = Path(__file__).with_name("cross_backend_worker.py")
-OTHERS = [b for b in ("jax", "tensorflow", "torch") if b != keras.backend.backend()]
+CYCLE = ("jax", "tensorflow", "torch")
+NEXT = CYCLE[(CYCLE.index(keras.backend.backend()) + 1) % len(CYCLE)]
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +35,8 @@ def saved_models(tmp_path_factory):
     return directory
 
 
-@pytest.mark.parametrize("other", OTHERS)
-def test_outputs_agree_across_backends(saved_models, other):
+def test_outputs_agree_on_the_next_backend(saved_models):
+    other = NEXT
     env = dict(os.environ, KERAS_BACKEND=other, TF_CPP_MIN_LOG_LEVEL="3")
     done = subprocess.run(
         [sys.executable, str(WORKER), str(saved_models), *SMALL_MODELS], env=env, capture_output=True, text=True
