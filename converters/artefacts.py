@@ -198,7 +198,7 @@ def _convert(model, job, work):
 
 
 def _coreml(model, job):
-    """Returns the exported program that was converted and the inputs it was traced with.
+    """Returns the exported program that was converted and whether any axis stayed dynamic.
 
     Axes the model leaves open (batch, lengths) stay open: torch.export marks them dynamic
     (size-oblivious, so that 1 is a valid size too), and each becomes a CoreML `RangeDim`

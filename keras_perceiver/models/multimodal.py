@@ -191,10 +191,12 @@ class PerceiverMultimodalAutoencoder(ConfiguredModel):
             )
             decoded = projection(decoder(padded, latents))
             outputs[name] = keras.layers.Dense(heads[name], name=f"{name}_output", dtype=dtype)(decoded)
+        # keys in sorted order, so that every flattening of the outputs (insertion order or
+        # sorted) lists them alike: exported artefacts name their outputs by that order
         return inputs, {
+            "label_logits": keras.layers.Reshape((config.num_labels,), name="label_logits", dtype=dtype)(outputs["label"]),
             "reconstructed_audio": keras.layers.Reshape((-1,), name="audio_samples", dtype=dtype)(outputs["audio"]),
             "reconstructed_image": outputs["image"],
-            "label_logits": keras.layers.Reshape((config.num_labels,), name="label_logits", dtype=dtype)(outputs["label"]),
         }
 
     @property
