@@ -209,7 +209,6 @@ def run_artefacts(presets, targets, batch, repeats, peak):
     """Cells for exported artefacts: each preset exported to each `target[:quantize]`
     (verified against Keras on the way), then timed in its runtime on the bench inputs."""
     from keras_perceiver.converters.artefacts import SUFFIXES, _runner, export
-    from keras_perceiver.models.base import ConfiguredModel  # noqa: F401  (registers classes)
 
     cells = []
     for name in presets:

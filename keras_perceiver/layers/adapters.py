@@ -142,9 +142,10 @@ class FeatureAdapter(keras.layers.Layer):
             return (t, p, p)
         return (p,) * len(self.index_dims)
 
-    def grid_dims(self):
-        """Index dims of the adapted input (after patches or the conv stem)."""
-        dims = list(self.index_dims)
+    def grid_dims(self, index_dims=None):
+        """Index dims of the adapted input (after patches or the conv stem), for inputs with
+        `index_dims` (default: the layer's own)."""
+        dims = list(self.index_dims if index_dims is None else index_dims)
         if self.patch_size or self.temporal_patch_size:
             return patched_dims(dims, self.patch_size, self.temporal_patch_size)
         if self.conv_stem_channels and None not in dims:
@@ -214,11 +215,7 @@ class FeatureAdapter(keras.layers.Layer):
         return ops.concatenate([x, pos], axis=-1)
 
     def compute_output_shape(self, input_shape):
-        dims = input_shape[1:-1]
-        if self.patch_size or self.temporal_patch_size:
-            dims = patched_dims(list(dims), self.patch_size, self.temporal_patch_size)
-        elif self.conv_stem_channels and None not in dims:
-            dims = conv_stem_dims(dims)[1]
+        dims = self.grid_dims(input_shape[1:-1])
         length = None if None in dims else math.prod(dims)
         return (input_shape[0], length, self.output_channels(input_shape[-1]))
 
