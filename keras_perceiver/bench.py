@@ -27,16 +27,52 @@ BENCH_INPUTS = {  # what one forward pass is fed, per preset (batch given separa
     "flamingo_resampler": {"media": (8, 1, 257)},
     "open_flamingo_resampler": {"media": (8, 1, 257)},
     "perceiver_digits": {"image": (8, 8, 1)},
+    "small_perceiver_vision_fourier": {"image": (32, 32, 3)},
+    "small_perceiver_io_language": {"tokens": 128},
+    "small_flamingo_resampler": {"media": (2, 1, 32)},
+}
+
+# Peers' configurations at the zoo's sizes (transformers' ImageNet / masked-LM checkpoints).
+_VISION_PEER = dict(num_latents=512, d_latents=1024, num_blocks=8, num_self_attends_per_block=6,
+                    num_self_attention_heads=8, num_cross_attention_heads=1, image_size=224, num_labels=1000)
+_LANGUAGE_PEER = dict(num_latents=256, d_latents=1280, d_model=768, num_blocks=1, num_self_attends_per_block=26,
+                      num_self_attention_heads=8, num_cross_attention_heads=8, qk_channels=256, v_channels=1280,
+                      vocab_size=262, max_position_embeddings=2048)
+# Small configurations, where framework overhead rather than matrix products sets the time.
+# They exist only here: ours is converted from the (seeded) peer, so both share
+# configuration and weights.
+SMALL_PEERS = {
+    "small_perceiver_vision_fourier": ("PerceiverForImageClassificationFourier", dict(
+        num_latents=64, d_latents=128, num_blocks=2, num_self_attends_per_block=2, num_self_attention_heads=4,
+        num_cross_attention_heads=1, image_size=32, num_labels=10)),
+    "small_perceiver_io_language": ("PerceiverForMaskedLM", dict(
+        num_latents=32, d_latents=128, d_model=64, num_blocks=1, num_self_attends_per_block=2,
+        num_self_attention_heads=4, num_cross_attention_heads=4, qk_channels=64, v_channels=128,
+        vocab_size=262, max_position_embeddings=128)),
+    "small_flamingo_resampler": ("PerceiverResampler", dict(
+        dim=128, depth=2, dim_head=32, heads=4, num_latents=16, num_media_embeds=2, ff_mult=4)),
 }
 
 
-def gemm_peak_gflops(size=2048, repeats=5):
-    """Best float32 NumPy matmul rate on this machine, GFLOP/s."""
+def gemm_peaks(size=2048, repeats=5):
+    """Best float32 (size x size) matmul rate, GFLOP/s, of each GEMM library here: NumPy's
+    BLAS and, when installed, PyTorch's (oneDNN / MKL, often faster). The peak a run reports
+    is the best of them, so that no library's slower GEMM flatters the fractions."""
     a = np.random.default_rng(0).random((size, size), dtype=np.float32)
     b = np.random.default_rng(1).random((size, size), dtype=np.float32)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * size**3 / best / 1e9
+    products = {"numpy": lambda: a @ b}
+    try:
+        import torch
+
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        products["torch"] = lambda: ta @ tb
+    except ImportError:
+        pass
+    peaks = {}
+    for library, product in products.items():
+        product()
+        peaks[library] = 2 * size**3 / min(_timed(product) for _ in range(repeats)) / 1e9
+    return peaks
 
 
 def _timed(fn):
@@ -157,63 +193,87 @@ def bench_inputs(name, batch, seed=0):
             "token_ids": rng.integers(0, 262, size=(batch, spec["tokens"])).astype("int32"),
             "input_mask": np.ones((batch, spec["tokens"]), bool),
         }
-    from keras_perceiver.presets import zoo_entries
+    if name in SMALL_PEERS:
+        dim = SMALL_PEERS[name][1]["dim"]
+    else:
+        from keras_perceiver.presets import zoo_entries
 
-    dim = zoo_entries()[name]["config"]["dim"]
+        dim = zoo_entries()[name]["config"]["dim"]
     return {"media": rng.normal(size=(batch,) + spec["media"] + (dim,)).astype("float32")}
 
 
-def run_cells(presets, batch, repeats, modes, peak):
+def bench_model(name):
+    """Our model for a bench name: a small configuration converted from its seeded peer
+    (same weights), else the preset (random weights where it ships none)."""
+    import keras_perceiver as kp
+
+    if name in SMALL_PEERS:
+        peer, _ = peer_model(name)
+        if "resampler" in name:
+            from keras_perceiver.converters.flamingo import resampler_from_state_dict
+
+            return resampler_from_state_dict(peer.state_dict(), num_heads=SMALL_PEERS[name][1]["heads"])
+        from keras_perceiver.converters.transformers_perceiver import from_transformers
+
+        return from_transformers(peer)
+    try:
+        return kp.from_preset(name)
+    except ValueError:
+        return kp.from_preset(name, load_weights=False)
+
+
+def run_cells(presets, batches, repeats, modes, peak):
     import gc
 
     import keras
 
-    import keras_perceiver as kp
     from keras_perceiver.examples import outputs_to_numpy
 
     backend = keras.backend.backend()
     cells = []
     for name in presets:
-        try:
-            model = kp.from_preset(name)
-        except ValueError:
-            model = kp.from_preset(name, load_weights=False)
-        inputs = bench_inputs(name, batch)
-        flops = forward_flops(model, inputs)
+        model = bench_model(name)
         for mode in modes:
-            if mode == "eager":
-                fn = lambda: outputs_to_numpy(model(inputs))  # noqa: E731
-                compile_s = 0.0
-            else:
+            if mode == "compiled":
                 model.compile(jit_compile=True)
-                fn = lambda: model.predict_on_batch(inputs)  # noqa: E731
-                compile_s = _timed(fn)
-            times = timed_runs(fn, repeats)
-            median = statistics.median(times)
-            cells.append(
-                dict(
-                    preset=name, backend=backend, mode=mode, batch=batch, median_ms=1000 * median,
-                    spread_ms=1000 * (max(times) - min(times)), throughput_per_s=batch / median,
-                    compile_s=compile_s, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                    gflop=flops / 1e9, achieved_gflops=flops / median / 1e9,
-                    fraction_of_peak=flops / median / 1e9 / peak,
-                )
-            )
-            print(json.dumps(cells[-1]), file=sys.stderr, flush=True)
+            for batch in batches:
+                inputs = bench_inputs(name, batch)
+                if mode == "eager":
+                    fn = lambda: outputs_to_numpy(model(inputs))  # noqa: E731
+                    compile_s = 0.0
+                else:
+                    fn = lambda: model.predict_on_batch(inputs)  # noqa: E731
+                    compile_s = _timed(fn)  # a new batch size compiles anew
+                cells.append(_cell(name, backend, mode, batch, timed_runs(fn, repeats), compile_s,
+                                   forward_flops(model, inputs), peak))
         del model
         gc.collect()
     return cells
 
 
-def run_artefacts(presets, targets, batch, repeats, peak):
-    """Cells for exported artefacts: each preset exported to each `target[:quantize]`
+def _cell(preset, backend, mode, batch, times, compile_s, flops, peak, **extra):
+    median = statistics.median(times)
+    cell = dict(
+        preset=preset, backend=backend, mode=mode, batch=batch, median_ms=1000 * median,
+        spread_ms=1000 * (max(times) - min(times)), throughput_per_s=batch / median, compile_s=compile_s,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        gflop=flops / 1e9, achieved_gflops=flops / median / 1e9, fraction_of_peak=flops / median / 1e9 / peak, **extra,
+    )
+    print(json.dumps(cell), file=sys.stderr, flush=True)
+    return cell
+
+
+def run_artefacts(presets, targets, batches, repeats, peak):
+    """Cells for exported artefacts: each zoo preset exported to each `target[:quantize]`
     (verified against Keras on the way), then timed in its runtime on the bench inputs."""
+    import keras_perceiver as kp
     from keras_perceiver.converters.artefacts import SUFFIXES, _runner, export
 
     cells = []
-    for name in presets:
-        inputs = bench_inputs(name, batch)
-        flops = None
+    for name in [p for p in presets if p not in SMALL_PEERS]:  # artefacts are of zoo presets
+        model = kp.from_preset(name, load_weights=False)
+        flops = {batch: forward_flops(model, bench_inputs(name, batch)) for batch in batches}
+        del model
         for spec in targets:
             target, _, quantize = spec.partition(":")
             with tempfile.TemporaryDirectory() as work:
@@ -221,45 +281,30 @@ def run_artefacts(presets, targets, batch, repeats, peak):
                 start = time.perf_counter()
                 report = export(name, target, path, quantize=quantize or None)
                 export_s = time.perf_counter() - start
-                run = _runner(target, str(path), list(inputs))
-                if flops is None:
-                    flops = _flops_of_preset(name, inputs)
-                times = timed_runs(lambda: run(inputs), repeats)
-            median = statistics.median(times)
-            cells.append(
-                dict(
-                    preset=name, backend="artefact", mode=f"{target}" + (f" {quantize}" if quantize else ""),
-                    batch=batch, median_ms=1000 * median, spread_ms=1000 * (max(times) - min(times)),
-                    throughput_per_s=batch / median, compile_s=export_s,
-                    peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                    gflop=flops / 1e9, achieved_gflops=flops / median / 1e9, fraction_of_peak=flops / median / 1e9 / peak,
-                    max_rel_error=report.max_rel_error,
-                )
-            )
-            print(json.dumps(cells[-1]), file=sys.stderr, flush=True)
+                for batch in batches:
+                    inputs = bench_inputs(name, batch)
+                    run = _runner(target, str(path), list(inputs))
+                    mode = target + (f" {quantize}" if quantize else "")
+                    cells.append(_cell(name, "artefact", mode, batch, timed_runs(lambda: run(inputs), repeats), export_s,
+                                       flops[batch], peak, max_rel_error=report.max_rel_error))
     return cells
-
-
-def _flops_of_preset(name, inputs):
-    import keras_perceiver as kp
-
-    return forward_flops(kp.from_preset(name, load_weights=False), inputs)
 
 
 def main_worker(job):
     import keras
 
-    peak = gemm_peak_gflops()
-    cells = run_cells(job["presets"], job["batch"], job["repeats"], job["modes"], peak) if job["modes"] else []
+    peak = max(job["gemm_peaks"].values())
+    cells = run_cells(job["presets"], job["batches"], job["repeats"], job["modes"], peak) if job["modes"] else []
     if job.get("targets"):
-        cells += run_artefacts(job["presets"], job["targets"], job["batch"], job["repeats"], peak)
-    peers = run_peers(job["presets"], job["batch"], job["repeats"], peak) if job.get("peers") else []
+        cells += run_artefacts(job["presets"], job["targets"], job["batches"], job["repeats"], peak)
+    peers = run_peers(job["presets"], job["batches"], job["repeats"]) if job.get("peers") else []
     Path(job["out"]).write_text(
         json.dumps(
             {
                 "device": dict(device_description(), accelerators=accelerators()),
                 "versions": {"keras": keras.version(), "backend": keras.backend.backend(), "python": platform.python_version()},
                 "gemm_peak_gflops": peak,
+                "gemm_peaks_gflops": job["gemm_peaks"],
                 "cells": cells,
                 "peers": peers,
             }
@@ -267,17 +312,18 @@ def main_worker(job):
     )
 
 
-def run(presets, backends, batch=1, repeats=5, modes=("eager", "compiled"), out="bench.json", peers=True, targets=()):
+def run(presets, backends, batches=(1,), repeats=5, modes=("eager", "compiled"), out="bench.json", peers=True, targets=()):
     """Run every backend in its own process (peers in the torch one, same process as ours,
     so the same machine state; exported artefacts, `target[:quantize]`, in the first);
-    merge into one JSON at `out`."""
+    merge into one JSON at `out`. The GEMM peak is measured here, once, before the runs."""
     results = {"device": device_description(), "runs": []}
+    peaks = gemm_peaks()
     total = len(backends)
     started = time.perf_counter()
     for index, backend in enumerate(backends):
         with tempfile.TemporaryDirectory() as work:
-            job = dict(presets=presets, batch=batch, repeats=repeats, modes=list(modes), out=os.path.join(work, "r.json"),
-                       peers=peers and backend == "torch", targets=list(targets) if index == 0 else [])
+            job = dict(presets=presets, batches=list(batches), repeats=repeats, modes=list(modes), out=os.path.join(work, "r.json"),
+                       peers=peers and backend == "torch", targets=list(targets) if index == 0 else [], gemm_peaks=peaks)
             env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
             done = subprocess.run([sys.executable, "-m", "keras_perceiver.bench", json.dumps(job)], env=env)
             if done.returncode:
@@ -316,9 +362,9 @@ def report(paths, markdown_out=None, plot_out=None):
                 )
     peer_lines = [
         "",
-        "| machine | preset | peer | peer mode | peer ms | peer % of GEMM peak | our best float32 | our ms | our time / peer time "
-        "| our best reduced precision | its ms | peer time / its time | its error / output range |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| machine | preset | batch | peer | peer mode | peer ms | peer % of GEMM peak | our best float32 | our ms "
+        "| peer time / our time | our best reduced precision | its ms | peer time / its time | its error / output range |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for path in paths:
         data = json.loads(Path(path).read_text())
@@ -339,9 +385,9 @@ def report(paths, markdown_out=None, plot_out=None):
                     f"{reduced['max_rel_error']:.1e}" if reduced else "- | - | - | -"
                 )
                 peer_lines.append(
-                    f"| {machine} | {p['preset']} | {p['peer']} | {p['mode']} | {p['median_ms']:.1f} | "
+                    f"| {machine} | {p['preset']} | {p['batch']} | {p['peer']} | {p['mode']} | {p['median_ms']:.1f} | "
                     f"{100 * peer_fraction:.0f}% | {best['backend']} {best['mode']} | {best['median_ms']:.1f} | "
-                    f"{best['median_ms'] / p['median_ms']:.2f} | {reduced_cells} |"
+                    f"{p['median_ms'] / best['median_ms']:.2f}x | {reduced_cells} |"
                 )
     if len(peer_lines) > 3:
         lines += peer_lines
@@ -366,45 +412,44 @@ def report(paths, markdown_out=None, plot_out=None):
 
 # ---------------------------------------------------------------- peers (PyTorch originals)
 def peer_model(name):
-    """The reference implementation of a preset, randomly initialised, and its inputs builder."""
+    """The reference implementation of a bench name, seeded (so a small configuration and
+    its conversion share weights), and its inputs builder; None where there is none."""
     import torch
 
-    if name in ("flamingo_resampler", "open_flamingo_resampler"):
-        import flamingo_pytorch
+    torch.manual_seed(0)
+    if name in SMALL_PEERS:
+        class_name, kwargs = SMALL_PEERS[name]
+    elif name == "open_flamingo_resampler":  # flamingo_resampler's squared ReLU is not in flamingo-pytorch
+        from keras_perceiver.presets import zoo_entries
 
-        import keras_perceiver as kp
-
-        c = kp.presets.zoo_entries()[name]["config"]
-        if c["activation"] != "gelu":
-            return None  # flamingo-pytorch has GELU only; squared ReLU has the same cost
-        model = flamingo_pytorch.PerceiverResampler(
+        c = zoo_entries()[name]["config"]
+        class_name, kwargs = "PerceiverResampler", dict(
             dim=c["dim"], depth=c["depth"], dim_head=c["head_channels"], heads=c["num_heads"],
             num_latents=c["num_latents"], num_media_embeds=8, ff_mult=c["ff_mult"],
         )
+    elif name == "perceiver_io_language":
+        class_name, kwargs = "PerceiverForMaskedLM", _LANGUAGE_PEER
+    elif name.startswith("perceiver_vision_"):
+        kind = name.rsplit("_", 1)[1]
+        class_name = {"fourier": "PerceiverForImageClassificationFourier", "learned": "PerceiverForImageClassificationLearned",
+                      "conv": "PerceiverForImageClassificationConvProcessing"}[kind]
+        kwargs = _VISION_PEER
+    else:
+        return None
+    if class_name == "PerceiverResampler":
+        import flamingo_pytorch
+
+        model = flamingo_pytorch.PerceiverResampler(**kwargs)
         return model.eval(), lambda x: (torch.from_numpy(x["media"][:, :, 0]),)
     import transformers
 
-    heads = {
-        "perceiver_vision_fourier": "PerceiverForImageClassificationFourier",
-        "perceiver_vision_learned": "PerceiverForImageClassificationLearned",
-        "perceiver_vision_conv": "PerceiverForImageClassificationConvProcessing",
-        "perceiver_io_language": "PerceiverForMaskedLM",
-    }
-    if name not in heads:
-        return None
-    common = dict(num_latents=512, d_latents=1024, num_blocks=8, num_self_attends_per_block=6,
-                  num_self_attention_heads=8, num_cross_attention_heads=1, image_size=224, num_labels=1000)
-    if name == "perceiver_io_language":
-        common = dict(num_latents=256, d_latents=1280, d_model=768, num_blocks=1, num_self_attends_per_block=26,
-                      num_self_attention_heads=8, num_cross_attention_heads=8, qk_channels=256, v_channels=1280,
-                      vocab_size=262, max_position_embeddings=2048)
-    model = getattr(transformers, heads[name])(transformers.PerceiverConfig(**common)).eval()
-    if name == "perceiver_io_language":
+    model = getattr(transformers, class_name)(transformers.PerceiverConfig(**kwargs)).eval()
+    if class_name == "PerceiverForMaskedLM":
         return model, lambda x: (torch.from_numpy(x["token_ids"].astype("int64")), torch.from_numpy(x["input_mask"].astype("int64")))
     return model, lambda x: (torch.from_numpy(x["inputs"].transpose(0, 3, 1, 2).copy()),)
 
 
-def run_peers(presets, batch, repeats, peak, compiled=False):
+def run_peers(presets, batches, repeats, compiled=False):
     import torch
 
     cells = []
@@ -413,17 +458,23 @@ def run_peers(presets, batch, repeats, peak, compiled=False):
         if found is None:
             continue
         model, to_torch = found
-        args = to_torch(bench_inputs(name, batch))
         fn = model if not compiled else torch.compile(model)
-        call = (lambda: fn(inputs=args[0], attention_mask=args[1])) if len(args) == 2 else (lambda: fn(*args) if "Resampler" in type(model).__name__ else fn(inputs=args[0]))
-        with torch.no_grad():
-            compile_s = _timed(call)
-            times = [_timed(call) for _ in range(repeats)]
-        median = statistics.median(times)
-        cells.append(dict(preset=name, peer=type(model).__module__.split(".")[0] + "." + type(model).__name__,
-                          mode="torch.compile" if compiled else "eager", batch=batch, median_ms=1000 * median,
-                          compile_s=compile_s if compiled else 0.0))
-        print(json.dumps(cells[-1]), file=sys.stderr, flush=True)
+        for batch in batches:
+            args = to_torch(bench_inputs(name, batch))
+            if len(args) == 2:
+                call = lambda: fn(inputs=args[0], attention_mask=args[1])  # noqa: E731
+            elif "Resampler" in type(model).__name__:
+                call = lambda: fn(*args)  # noqa: E731
+            else:
+                call = lambda: fn(inputs=args[0])  # noqa: E731
+            with torch.no_grad():
+                compile_s = _timed(call)
+                times = [_timed(call) for _ in range(repeats)]
+            median = statistics.median(times)
+            cells.append(dict(preset=name, peer=type(model).__module__.split(".")[0] + "." + type(model).__name__,
+                              mode="torch.compile" if compiled else "eager", batch=batch, median_ms=1000 * median,
+                              spread_ms=1000 * (max(times) - min(times)), compile_s=compile_s if compiled else 0.0))
+            print(json.dumps(cells[-1]), file=sys.stderr, flush=True)
     return cells
 
 

@@ -19,6 +19,16 @@ def _backends(value):
     return names
 
 
+def _batches(value):
+    try:
+        sizes = [int(b) for b in value.split(",") if b.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"--batch: expected comma-separated positive integers, e.g. 1,8; received {value!r}")
+    return sizes
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="keras-perceiver", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -70,7 +80,7 @@ def main(argv=None):
         help="exported artefacts to time too, target[:quantize], e.g. onnx,onnx:dynamic_int8,openvino,tflite",
     )
     bench.add_argument("--no-peers", action="store_true", help="skip the PyTorch originals")
-    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--batch", type=_batches, default=[1], help="comma-separated batch sizes, e.g. 1,8")
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--out", default="bench.json")
 
@@ -147,7 +157,7 @@ def main(argv=None):
         from keras_perceiver.presets import list_presets
 
         presets = [p for p in args.presets.split(",") if p]
-        unknown = [p for p in presets if p not in list_presets() or p not in bench_module.BENCH_INPUTS]
+        unknown = [p for p in presets if p not in bench_module.BENCH_INPUTS or (p not in list_presets() and p not in bench_module.SMALL_PEERS)]
         if unknown:
             parser.error(f"--presets: expected names among {','.join(bench_module.BENCH_INPUTS)}; received {','.join(unknown)}")
         backends = args.backends if isinstance(args.backends, list) else _backends(args.backends)

@@ -1,5 +1,7 @@
 import json
 
+import numpy as np
+
 import keras
 import pytest
 
@@ -30,7 +32,7 @@ def test_analytic_flops_match_xla_cost_analysis(name):
 def test_bench_run_and_report(tmp_path):
     out = tmp_path / "bench.json"
     backend = keras.backend.backend()
-    results = bench.run(["perceiver_digits"], [backend], batch=2, repeats=2, modes=["eager"], out=out)
+    results = bench.run(["perceiver_digits"], [backend], batches=[2], repeats=2, modes=["eager"], out=out)
     cell = results["runs"][0]["cells"][0]
     assert cell["backend"] == backend and cell["median_ms"] > 0 and cell["gflop"] > 0
     assert 0 < cell["fraction_of_peak"] < 2
@@ -45,3 +47,26 @@ def test_preset_flops_are_in_the_expected_range():
     model = kp.from_preset("perceiver_digits")
     x = bench.bench_inputs("perceiver_digits", 1)
     assert 1e6 < bench.forward_flops(model, x) < 1e8
+
+
+@pytest.mark.parametrize("name", sorted(bench.SMALL_PEERS))
+def test_small_bench_configurations_share_the_peers_weights(name):
+    """The small configurations are ours converted from the seeded peer: same function."""
+    import torch
+
+    from keras_perceiver.examples import outputs_to_numpy
+
+    peer, to_torch = bench.peer_model(name)
+    ours = bench.bench_model(name)
+    x = bench.bench_inputs(name, 2)
+    args = to_torch(x)
+    with torch.no_grad():
+        if len(args) == 2:
+            expected = peer(inputs=args[0], attention_mask=args[1]).logits
+        elif "resampler" in name:
+            expected = peer(*args)
+        else:
+            expected = peer(inputs=args[0]).logits
+    got = outputs_to_numpy(ours(x))
+    expected = expected.numpy().reshape(got.shape)
+    assert np.abs(got - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())

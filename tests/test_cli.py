@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import keras
+import pytest
 
 
 def test_demo_prints_the_table_for_the_current_backend():
@@ -28,3 +29,12 @@ def test_unknown_backend_is_refused():
     )
     assert done.returncode == 2
     assert "received 'mxnet'" in done.stderr
+
+
+@pytest.mark.parametrize("batch", ["0", "1,x", ""])
+def test_bad_bench_batch_is_refused(batch):
+    done = subprocess.run(
+        [sys.executable, "-m", "keras_perceiver", "bench", "--batch", batch], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert f"--batch: expected comma-separated positive integers, e.g. 1,8; received {batch!r}" in done.stderr

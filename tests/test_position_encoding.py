@@ -5,6 +5,7 @@ import pytest
 from conftest import to_numpy
 
 from keras_perceiver.layers import FeatureAdapter, TrainablePositionEncoding, fourier_features, grid_positions
+from keras_perceiver.layers.position_encoding import FourierPositionEncoding
 
 
 def numpy_fourier(index_dims, num_bands, max_resolution, concat_pos=True, sine_only=False):
@@ -47,6 +48,19 @@ def test_variable_length_features_equal_static():
     static = FeatureAdapter(index_dims=(9,), num_bands=4)
     np.testing.assert_allclose(to_numpy(dynamic(x)), to_numpy(static(x)), atol=1e-6)
     assert to_numpy(dynamic(x[:, :5])).shape == (2, 5, 2 + 9)
+
+
+def test_fourier_features_of_a_known_grid_are_computed_once_at_build():
+    layer = FourierPositionEncoding(num_bands=3, max_resolution=(8, 8))
+    layer.build((None, 6, 5, 3))
+    assert to_numpy(layer._features).shape == (30, 2 * 7)  # held from build on, not recomputed per call
+    x = np.zeros((2, 6, 5, 3), "float32")
+    np.testing.assert_allclose(to_numpy(layer(x))[1], numpy_fourier((6, 5), 3, (8, 8)), atol=2e-5)
+    # another grid than the one built for is computed on the call
+    np.testing.assert_allclose(to_numpy(layer(x[:, :4, :4]))[0], numpy_fourier((4, 4), 3, (8, 8)), atol=2e-5)
+    dynamic = FourierPositionEncoding(num_bands=3, max_resolution=(8,))
+    dynamic.build((None, None, 3))
+    assert dynamic._features is None
 
 
 def test_trainable_truncate_and_interpolate():

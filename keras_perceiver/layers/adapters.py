@@ -185,8 +185,8 @@ class FeatureAdapter(keras.layers.Layer):
         if self.project_channels:
             self.projection = keras.layers.Dense(self.project_channels, name="projection", dtype=self.dtype_policy)
             self.projection.build(input_shape)
-        if self.position_encoding == "trainable":
-            self.positions.build(input_shape)
+        if self.position_encoding:
+            self.positions.build(input_shape)  # here, eagerly: Fourier features are computed once at build
         if self.position_projection_channels:
             self.position_projection = keras.layers.Dense(
                 self.position_projection_channels, name="position_projection", dtype=self.dtype_policy

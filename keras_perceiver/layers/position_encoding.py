@@ -68,11 +68,28 @@ class FourierPositionEncoding(keras.layers.Layer):
     def channels(self):
         return fourier_channels(len(self.max_resolution), self.num_bands, self.concat_pos, self.sine_only)
 
+    def build(self, input_shape=None):
+        # A grid of known size has input-independent features: computed once here, eagerly,
+        # instead of on every call (on a 224 x 224 image, 50,176 x 258 sines and cosines: about
+        # 100 ms a call on this CPU). Not a weight: never saved, rebuilt on load.
+        dims = self.index_dims or (tuple(input_shape[1:-1]) if input_shape is not None else None)
+        self._grid_dims = dims if dims and all(isinstance(d, int) for d in dims) else None
+        self._features = None
+        if self._grid_dims:
+            self._features = self._compute(self._grid_dims)
+
+    def _compute(self, index_dims):
+        return fourier_features(
+            grid_positions(index_dims), self.num_bands, self.max_resolution, self.concat_pos, self.sine_only
+        )
+
     def call(self, inputs):
         shape = ops.shape(inputs)
-        features = fourier_features(
-            grid_positions(self.index_dims or shape[1:-1]), self.num_bands, self.max_resolution, self.concat_pos, self.sine_only
-        )
+        dims = self.index_dims or tuple(shape[1:-1])
+        if self._features is not None and tuple(dims) == self._grid_dims:
+            features = self._features
+        else:  # dynamic or other index dims (a model run at another size)
+            features = self._compute(dims)
         features = ops.cast(features, self.compute_dtype)
         return ops.broadcast_to(ops.expand_dims(features, 0), (shape[0],) + tuple(ops.shape(features)))
 
