@@ -264,22 +264,21 @@ def _cell(preset, backend, mode, batch, times, compile_s, flops, peak, **extra):
 
 
 def run_artefacts(presets, targets, batches, repeats, peak):
-    """Cells for exported artefacts: each zoo preset exported to each `target[:quantize]`
+    """Cells for exported artefacts: each bench model exported to each `target[:quantize]`
     (verified against Keras on the way), then timed in its runtime on the bench inputs."""
-    import keras_perceiver as kp
     from keras_perceiver.converters.artefacts import SUFFIXES, _runner, export
 
     cells = []
-    for name in [p for p in presets if p not in SMALL_PEERS]:  # artefacts are of zoo presets
-        model = kp.from_preset(name, load_weights=False)
+    for name in presets:
+        model = bench_model(name)
         flops = {batch: forward_flops(model, bench_inputs(name, batch)) for batch in batches}
-        del model
+        source = model if name in SMALL_PEERS else name  # a preset exports from its own files
         for spec in targets:
             target, _, quantize = spec.partition(":")
             with tempfile.TemporaryDirectory() as work:
                 path = Path(work) / (name + SUFFIXES[target])
                 start = time.perf_counter()
-                report = export(name, target, path, quantize=quantize or None)
+                report = export(source, target, path, quantize=quantize or None)
                 export_s = time.perf_counter() - start
                 for batch in batches:
                     inputs = bench_inputs(name, batch)
@@ -287,6 +286,7 @@ def run_artefacts(presets, targets, batches, repeats, peak):
                     mode = target + (f" {quantize}" if quantize else "")
                     cells.append(_cell(name, "artefact", mode, batch, timed_runs(lambda: run(inputs), repeats), export_s,
                                        flops[batch], peak, max_rel_error=report.max_rel_error))
+        del model, source
     return cells
 
 

@@ -76,7 +76,9 @@ class FourierPositionEncoding(keras.layers.Layer):
         self._grid_dims = dims if dims and all(isinstance(d, int) for d in dims) else None
         self._features = None
         if self._grid_dims:
-            self._features = self._compute(self._grid_dims)
+            # NumPy, so that a traced graph holds it as a constant (a captured backend
+            # tensor became an extra input of TensorFlow-traced artefacts)
+            self._features = ops.convert_to_numpy(self._compute(self._grid_dims))
 
     def _compute(self, index_dims):
         return fourier_features(
@@ -87,7 +89,7 @@ class FourierPositionEncoding(keras.layers.Layer):
         shape = ops.shape(inputs)
         dims = self.index_dims or tuple(shape[1:-1])
         if self._features is not None and tuple(dims) == self._grid_dims:
-            features = self._features
+            features = ops.convert_to_tensor(self._features)
         else:  # dynamic or other index dims (a model run at another size)
             features = self._compute(dims)
         features = ops.cast(features, self.compute_dtype)
