@@ -350,6 +350,8 @@ def report(paths, markdown_out=None, plot_out=None):
     rows = []
     for path in paths:
         data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict) or "runs" not in data:
+            raise ValueError(f"bench-report: expected result files of `keras-perceiver bench`; received {str(path)!r}")
         for run_ in data["runs"]:
             device = run_["device"]
             machine = f"{device['cpu']} x{device['threads']}" + (f" + {', '.join(device['accelerators'])}" if device["accelerators"] else "")
@@ -400,11 +402,12 @@ def report(paths, markdown_out=None, plot_out=None):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        labels = [f"{c['preset']}\n{c['backend']} {c['mode']}" for _, c in rows]
-        fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows)), 4))
-        ax.bar(range(len(rows)), [100 * c["fraction_of_peak"] for _, c in rows])
-        ax.set_xticks(range(len(rows)), labels, rotation=75, fontsize=7)
-        ax.set_ylabel("% of measured float32 GEMM peak")
+        labels = [f"{c['preset']} b{c['batch']}  {c['backend']} {c['mode']}" for _, c in rows]
+        fig, ax = plt.subplots(figsize=(9, 1 + 0.2 * len(rows)))  # one readable row per cell
+        ax.barh(range(len(rows)), [100 * c["fraction_of_peak"] for _, c in rows])
+        ax.set_yticks(range(len(rows)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("% of the run's measured float32 GEMM peak")
         fig.tight_layout()
         fig.savefig(plot_out, dpi=120)
     return table

@@ -189,7 +189,13 @@ def main(argv=None):
     if args.command == "bench-report":
         from keras_perceiver import bench as bench_module
 
-        print(bench_module.report(args.files, args.markdown, args.plot))
+        missing = [f for f in args.files if not os.path.isfile(f)]
+        if missing:
+            parser.error(f"bench-report: expected existing result files; received missing {', '.join(missing)}")
+        try:
+            print(bench_module.report(args.files, args.markdown, args.plot))
+        except ValueError as error:
+            parser.error(str(error))
         return 0
     if args.command == "demo-worker":
         from keras_perceiver import demo as demo_module

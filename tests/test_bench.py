@@ -70,3 +70,10 @@ def test_small_bench_configurations_share_the_peers_weights(name):
     got = outputs_to_numpy(ours(x))
     expected = expected.numpy().reshape(got.shape)
     assert np.abs(got - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
+
+
+def test_report_refuses_a_file_that_is_not_a_bench_result(tmp_path):
+    other = tmp_path / "scaling.json"
+    other.write_text(json.dumps([{"length": 1000}]))
+    with pytest.raises(ValueError, match="expected result files of `keras-perceiver bench`; received .*scaling.json"):
+        bench.report([other])
