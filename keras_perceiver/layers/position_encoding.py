@@ -88,7 +88,9 @@ class FourierPositionEncoding(keras.layers.Layer):
     def call(self, inputs):
         shape = ops.shape(inputs)
         dims = self.index_dims or tuple(shape[1:-1])
-        if self._features is not None and tuple(dims) == self._grid_dims:
+        # plain ints only: comparing a symbolic size (a torch.export SymInt) would pin the
+        # exported program to this one size
+        if self._features is not None and all(isinstance(d, int) for d in dims) and tuple(dims) == self._grid_dims:
             features = ops.convert_to_tensor(self._features)
         else:  # dynamic or other index dims (a model run at another size)
             features = self._compute(dims)
