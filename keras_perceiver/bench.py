@@ -75,6 +75,19 @@ def gemm_peaks(size=2048, repeats=5):
     return peaks
 
 
+def bfloat16_gemm_peak(size=2048, repeats=5):
+    """PyTorch's bfloat16 (size x size) matmul rate, GFLOP/s: the peak that bfloat16 cells are
+    measured against (AMX / AVX512-BF16 CPUs run it in hardware). None without PyTorch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.rand(size, size, generator=generator, dtype=torch.bfloat16) for _ in range(2))
+    a @ b
+    return 2 * size**3 / min(_timed(lambda: a @ b) for _ in range(repeats)) / 1e9
+
+
 def _timed(fn):
     start = time.perf_counter()
     fn()
@@ -257,15 +270,17 @@ def _cell(preset, backend, mode, batch, times, compile_s, flops, peak, **extra):
         preset=preset, backend=backend, mode=mode, batch=batch, median_ms=1000 * median,
         spread_ms=1000 * (max(times) - min(times)), throughput_per_s=batch / median, compile_s=compile_s,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        gflop=flops / 1e9, achieved_gflops=flops / median / 1e9, fraction_of_peak=flops / median / 1e9 / peak, **extra,
+        gflop=flops / 1e9, achieved_gflops=flops / median / 1e9, fraction_of_peak=flops / median / 1e9 / peak,
+        peak_gflops=peak, **extra,
     )
     print(json.dumps(cell), file=sys.stderr, flush=True)
     return cell
 
 
-def run_artefacts(presets, targets, batches, repeats, peak):
+def run_artefacts(presets, targets, batches, repeats, peak, bfloat16_peak=None):
     """Cells for exported artefacts: each bench model exported to each `target[:quantize]`
-    (verified against Keras on the way), then timed in its runtime on the bench inputs."""
+    (verified against Keras on the way), then timed in its runtime on the bench inputs.
+    bfloat16 artefacts are measured against `bfloat16_peak` where there is one."""
     from keras_perceiver.converters.artefacts import SUFFIXES, _runner, export
 
     cells = []
@@ -282,10 +297,11 @@ def run_artefacts(presets, targets, batches, repeats, peak):
                 export_s = time.perf_counter() - start
                 for batch in batches:
                     inputs = bench_inputs(name, batch)
-                    run = _runner(target, str(path), list(inputs))
+                    run = _runner(target, str(path), list(inputs), quantize or None)
                     mode = target + (f" {quantize}" if quantize else "")
+                    cell_peak = bfloat16_peak if quantize == "bfloat16" and bfloat16_peak else peak
                     cells.append(_cell(name, "artefact", mode, batch, timed_runs(lambda: run(inputs), repeats), export_s,
-                                       flops[batch], peak, max_rel_error=report.max_rel_error))
+                                       flops[batch], cell_peak, max_rel_error=report.max_rel_error))
         del model, source
     return cells
 
@@ -296,7 +312,7 @@ def main_worker(job):
     peak = max(job["gemm_peaks"].values())
     cells = run_cells(job["presets"], job["batches"], job["repeats"], job["modes"], peak) if job["modes"] else []
     if job.get("targets"):
-        cells += run_artefacts(job["presets"], job["targets"], job["batches"], job["repeats"], peak)
+        cells += run_artefacts(job["presets"], job["targets"], job["batches"], job["repeats"], peak, job.get("bfloat16_peak"))
     peers = run_peers(job["presets"], job["batches"], job["repeats"]) if job.get("peers") else []
     Path(job["out"]).write_text(
         json.dumps(
@@ -305,6 +321,7 @@ def main_worker(job):
                 "versions": {"keras": keras.version(), "backend": keras.backend.backend(), "python": platform.python_version()},
                 "gemm_peak_gflops": peak,
                 "gemm_peaks_gflops": job["gemm_peaks"],
+                "bfloat16_gemm_peak_gflops": job.get("bfloat16_peak"),
                 "cells": cells,
                 "peers": peers,
             }
@@ -315,15 +332,18 @@ def main_worker(job):
 def run(presets, backends, batches=(1,), repeats=5, modes=("eager", "compiled"), out="bench.json", peers=True, targets=()):
     """Run every backend in its own process (peers in the torch one, same process as ours,
     so the same machine state; exported artefacts, `target[:quantize]`, in the first);
-    merge into one JSON at `out`. The GEMM peak is measured here, once, before the runs."""
+    merge into one JSON at `out`. The GEMM peaks (float32; bfloat16 for bfloat16 artefacts) are
+    measured here, once, before the runs."""
     results = {"device": device_description(), "runs": []}
     peaks = gemm_peaks()
+    bf16_peak = bfloat16_gemm_peak() if any(t.endswith(":bfloat16") for t in targets) else None
     total = len(backends)
     started = time.perf_counter()
     for index, backend in enumerate(backends):
         with tempfile.TemporaryDirectory() as work:
             job = dict(presets=presets, batches=list(batches), repeats=repeats, modes=list(modes), out=os.path.join(work, "r.json"),
-                       peers=peers and backend == "torch", targets=list(targets) if index == 0 else [], gemm_peaks=peaks)
+                       peers=peers and backend == "torch", targets=list(targets) if index == 0 else [], gemm_peaks=peaks,
+                       bfloat16_peak=bf16_peak)
             env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
             done = subprocess.run([sys.executable, "-m", "keras_perceiver.bench", json.dumps(job)], env=env)
             if done.returncode:
@@ -337,8 +357,8 @@ def run(presets, backends, batches=(1,), repeats=5, modes=("eager", "compiled"),
 
 
 def _reduced(cell):
-    """Whether a cell ran in reduced precision (a quantized or float16 artefact)."""
-    return "int8" in cell["mode"] or "float16" in cell["mode"]
+    """Whether a cell ran in reduced precision (a quantized, float16 or bfloat16 artefact)."""
+    return any(kind in cell["mode"] for kind in ("int8", "float16", "bfloat16"))
 
 
 def report(paths, markdown_out=None, plot_out=None):
@@ -360,7 +380,8 @@ def report(paths, markdown_out=None, plot_out=None):
                 lines.append(
                     f"| {machine} | {c['preset']} | {c['backend']} | {c['mode']} | {c['batch']} | {c['median_ms']:.1f} | "
                     f"{c['spread_ms']:.1f} | {c['compile_s']:.1f} | {c['peak_rss_mb']:.0f} | {c['gflop']:.1f} | "
-                    f"{c['achieved_gflops']:.1f} | {100 * c['fraction_of_peak']:.0f}% (peak {run_['gemm_peak_gflops']:.0f}) |"
+                    f"{c['achieved_gflops']:.1f} | {100 * c['fraction_of_peak']:.0f}% "
+                    f"(peak {c.get('peak_gflops', run_['gemm_peak_gflops']):.0f}{' bf16' if 'bfloat16' in c['mode'] else ''}) |"
                 )
     peer_lines = [
         "",

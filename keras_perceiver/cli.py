@@ -68,7 +68,7 @@ def main(argv=None):
     export.add_argument("preset")
     export.add_argument("--to", default="coreml,openvino,tflite,onnx", help="comma-separated targets")
     export.add_argument("--out", required=True, help="directory for the artefacts")
-    export.add_argument("--quantize", default=None, help="e.g. dynamic_int8 (tflite, onnx) or float16 (tflite)")
+    export.add_argument("--quantize", default=None, help="e.g. dynamic_int8 (tflite, onnx), float16 (tflite) or bfloat16 (openvino)")
     export.add_argument("--overwrite", action="store_true")
 
     bench = commands.add_parser("bench", help="latency / compile time / memory / %% of GEMM peak per preset x backend x mode")
@@ -77,7 +77,7 @@ def main(argv=None):
     bench.add_argument("--modes", default="eager,compiled", help="'' for none (artefacts only)")
     bench.add_argument(
         "--targets", default="",
-        help="exported artefacts to time too, target[:quantize], e.g. onnx,onnx:dynamic_int8,openvino,tflite",
+        help="exported artefacts to time too, target[:quantize], e.g. onnx,onnx:dynamic_int8,openvino,openvino:bfloat16,tflite",
     )
     bench.add_argument("--no-peers", action="store_true", help="skip the PyTorch originals")
     bench.add_argument("--batch", type=_batches, default=[1], help="comma-separated batch sizes, e.g. 1,8")

@@ -78,6 +78,33 @@ def test_chunked_path_under_jit():
     np.testing.assert_allclose(compiled, reference, atol=1e-5)
 
 
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch.export is PyTorch's (the CoreML route)")
+def test_chunked_path_exports_with_a_dynamic_batch():
+    """Block sizes must not depend on a symbolic batch: the exported program then runs at
+    any batch (a block size computed from a SymInt became sym_min / sym_max nodes that
+    OpenVINO's PyTorch frontend cannot convert, and tied the blocks to the batch)."""
+    import torch
+
+    q, k, v = _qkv(8, num_keys=37)
+    mask = np.random.default_rng(4).random((2, 37)) > 0.2
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v, mask):
+            return attention(q, k, v, key_mask=mask, score_budget_bytes=1000)
+
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(
+        Attend(), tuple(torch.from_numpy(a) for a in (q, k, v, mask)),
+        dynamic_shapes=tuple({0: batch} for _ in range(4)), strict=False,
+    )
+    ops_in_graph = {str(node.target) for node in program.graph.nodes}
+    assert not any("sym_min" in t or "sym_max" in t for t in ops_in_graph)
+    q3, k3, v3 = (np.concatenate([a, a[:1]]) for a in (q, k, v))
+    mask3 = np.concatenate([mask, mask[:1]])
+    got = program.module()(*(torch.from_numpy(a) for a in (q3, k3, v3, mask3))).detach().numpy()
+    np.testing.assert_allclose(got, softmax_attention(q3, k3, v3, mask3[:, None, :]), atol=1e-5)
+
+
 def test_attention_in_bfloat16_returns_bfloat16_close_to_float32():
     q, k, v = _qkv(8)
     q16, k16, v16 = (keras.ops.cast(t, "bfloat16") for t in (q, k, v))

@@ -77,3 +77,19 @@ def test_report_refuses_a_file_that_is_not_a_bench_result(tmp_path):
     other.write_text(json.dumps([{"length": 1000}]))
     with pytest.raises(ValueError, match="expected result files of `keras-perceiver bench`; received .*scaling.json"):
         bench.report([other])
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="exports run in their own process; once, in the tensorflow pass")
+def test_bfloat16_artefacts_are_measured_against_the_bfloat16_peak(tmp_path):
+    pytest.importorskip("openvino", reason="needs the export extra (openvino)")
+    out = tmp_path / "bench.json"
+    results = bench.run(["perceiver_digits"], ["tensorflow"], batches=[2], repeats=2, modes=[], out=out, peers=False,
+                        targets=["openvino", "openvino:bfloat16"])
+    run_ = results["runs"][0]
+    float32, bf16 = run_["cells"]
+    assert (float32["mode"], bf16["mode"]) == ("openvino", "openvino bfloat16")
+    assert float32["peak_gflops"] == run_["gemm_peak_gflops"] == max(run_["gemm_peaks_gflops"].values())
+    assert bf16["peak_gflops"] == run_["bfloat16_gemm_peak_gflops"] > 1
+    assert float32["max_rel_error"] < 1e-5 and bf16["max_rel_error"] <= 0.05
+    table = bench.report([out])
+    assert f"(peak {bf16['peak_gflops']:.0f} bf16)" in table

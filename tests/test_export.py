@@ -99,6 +99,26 @@ def test_quantized_tflite_stays_within_the_presets_bound(tmp_path):
 
 
 @once
+def test_openvino_bfloat16_runs_in_bf16_within_the_bound(tmp_path):
+    ov = pytest.importorskip("openvino", reason="needs the export extra (openvino)")
+    path = tmp_path / "digits_bf16.xml"
+    report = export("perceiver_digits", "openvino", path, quantize="bfloat16")
+    assert report.quantize == "bfloat16" and report.max_rel_error <= report.error_bound
+    from keras_perceiver.converters.artefacts import _runner
+    from keras_perceiver.zoo.train_digits import digits_split
+
+    _, _, x_test, y_test = digits_split()
+    run = _runner("openvino", str(path), ["inputs"], "bfloat16")
+    logits = next(iter(run({"inputs": x_test}).values()))
+    assert (logits.argmax(-1) == y_test).mean() >= 0.97
+    if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        assert "INFERENCE_PRECISION_HINT=bf16" in report.notes
+        assert report.max_rel_error > 1e-5  # bf16 arithmetic shows (float32 OpenVINO: about 1e-7)
+    else:
+        assert "OpenVINO ran it in f32" in report.notes
+
+
+@once
 def test_quantized_error_over_the_bound_fails_the_export(tmp_path, monkeypatch):
     from keras_perceiver.converters import artefacts
 
@@ -118,8 +138,10 @@ def test_existing_path_is_not_overwritten(tmp_path):
 def test_bad_arguments_name_themselves():
     with pytest.raises(ValueError, match=r"`target` must be one of .*received 'tensorrt'"):
         export(build_small("perceiver"), "tensorrt", "x")
-    with pytest.raises(ValueError, match=r"`quantize` for 'openvino' must be one of \[\] or None; received 'dynamic_int8'"):
+    with pytest.raises(ValueError, match=r"`quantize` for 'openvino' must be one of \['bfloat16'\] or None; received 'dynamic_int8'"):
         export(build_small("perceiver"), "openvino", "x.xml", quantize="dynamic_int8")
+    with pytest.raises(ValueError, match=r"`quantize` for 'coreml' must be one of \[\] or None; received 'float16'"):
+        export(build_small("perceiver"), "coreml", "x.mlpackage", quantize="float16")
 
 
 def test_missing_runtime_names_the_extra(monkeypatch):

@@ -43,7 +43,7 @@ def _chunked_attention(query, key, value, mask, scale, chunk_size):
     q = ops.cast(query, "float32") * scale
     running_max = None
     for start in range(0, num_keys, chunk_size):
-        stop = min(start + chunk_size, num_keys)
+        stop = start + chunk_size  # slicing clamps the last block (no min(): a symbolic size stays symbolic)
         k = ops.cast(key[:, start:stop], "float32")
         v = ops.cast(value[:, start:stop], "float32")
         logits = ops.einsum("bqhd,bkhd->bhqk", q, k)
@@ -70,7 +70,9 @@ def _chunk_size(query, num_keys, score_budget_bytes):
     """Keys per block so that one block's scores fit the budget; None = no chunking."""
     if not score_budget_bytes or num_keys is None:
         return None
-    rows = (query.shape[0] or 1) * (query.shape[1] or 1) * query.shape[2]  # unknown sizes as 1
+    # unknown or symbolic sizes (None, a torch.export SymInt) count as 1: the block size stays a
+    # plain int, so the unrolled graph does not depend on the batch
+    rows = math.prod(d if isinstance(d, int) else 1 for d in query.shape[:3])
     if rows * num_keys * 4 <= score_budget_bytes:
         return None
     return max(16, score_budget_bytes // (4 * rows))
