@@ -22,7 +22,7 @@ ROUTES = {
     "saved_model": ("tensorflow", "keras export (tf_saved_model)", "tf.saved_model"),
     "tflite": ("tensorflow", "SavedModel -> TFLiteConverter (builtin ops)", "LiteRT interpreter"),
     "onnx": ("tensorflow", "keras export -> tf2onnx", "onnxruntime"),
-    "openvino": ("tensorflow", "SavedModel -> openvino.convert_model", "OpenVINO CPU (f32; bf16 with quantize='bfloat16')"),
+    "openvino": ("tensorflow", "SavedModel -> openvino.convert_model -> Einsum as MatMul", "OpenVINO CPU (f32; bf16 with quantize='bfloat16')"),
     "coreml": ("torch", "torch.export -> run_decompositions -> coremltools mlprogram", "CoreML (macOS only)"),
 }
 TARGETS = tuple(ROUTES)
@@ -194,9 +194,54 @@ def _convert(model, job, work):
 
         saved = os.path.join(work, "saved_model")
         _saved_model(model, saved)
-        ov.save_model(ov.convert_model(saved), out, compress_to_fp16=False)
+        converted = ov.convert_model(saved)
+        _einsums_as_matmuls(converted)
+        ov.save_model(converted, out, compress_to_fp16=False)
     elif target == "coreml":
         return _coreml(model, job)
+
+
+def _einsums_as_matmuls(model):
+    """Rewrite the IR's two-operand Einsums (attention's products, as the TensorFlow graph
+    writes them) as Transpose + batched MatMul; returns how many.
+
+    OpenVINO's CPU plugin decomposes an Einsum with a dynamic batch into copies (a reference
+    Broadcast kernel) around its MatMul: on the 224 x 224 Fourier model 15-20% of the time
+    (benchmarks/NOTES.md). Only equations with one contracted and one free index per side,
+    the shape of attention's products, are rewritten."""
+    import numpy as np
+    import openvino.opset13 as opset
+
+    def arrange(value, have, want):
+        order = [have.index(c) for c in want]
+        if order == sorted(order):
+            return value
+        return opset.transpose(value, opset.constant(np.array(order, np.int64))).output(0)
+
+    count = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "Einsum" or len(op.inputs()) != 2:
+            continue
+        lhs, rhs, out = op.get_attributes()["equation"].replace("->", ",").split(",")
+        batch = [c for c in out if c in lhs and c in rhs]
+        contracted = [c for c in lhs if c in rhs and c not in out]
+        free_lhs = [c for c in lhs if c not in rhs]
+        free_rhs = [c for c in rhs if c not in lhs]
+        shaped_like_a_product = (len(contracted), len(free_lhs), len(free_rhs)) == (1, 1, 1) and sorted(out) == sorted(
+            batch + free_lhs + free_rhs
+        ) and sorted(lhs + rhs) == sorted(2 * batch + 2 * contracted + free_lhs + free_rhs)
+        if not shaped_like_a_product:
+            continue
+        product = opset.matmul(
+            arrange(op.input_value(0), lhs, batch + free_lhs + contracted),
+            arrange(op.input_value(1), rhs, batch + contracted + free_rhs),
+            False, False,
+        ).output(0)
+        op.output(0).replace(arrange(product, batch + free_lhs + free_rhs, list(out)))
+        count += 1
+    if count:
+        model.validate_nodes_and_infer_types()
+    return count
 
 
 def _coreml(model, job):

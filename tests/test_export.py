@@ -104,6 +104,7 @@ def test_openvino_bfloat16_runs_in_bf16_within_the_bound(tmp_path):
     path = tmp_path / "digits_bf16.xml"
     report = export("perceiver_digits", "openvino", path, quantize="bfloat16")
     assert report.quantize == "bfloat16" and report.max_rel_error <= report.error_bound
+    assert "Einsum" not in [op.get_type_name() for op in ov.Core().read_model(str(path)).get_ordered_ops()]
     from keras_perceiver.converters.artefacts import _runner
     from keras_perceiver.zoo.train_digits import digits_split
 
@@ -116,6 +117,31 @@ def test_openvino_bfloat16_runs_in_bf16_within_the_bound(tmp_path):
         assert report.max_rel_error > 1e-5  # bf16 arithmetic shows (float32 OpenVINO: about 1e-7)
     else:
         assert "OpenVINO ran it in f32" in report.notes
+
+
+@pytest.mark.parametrize(
+    "equation, lhs_shape, rhs_shape, rewritten",
+    [
+        ("BTNH,BSNH->BNTS", (2, 5, 3, 4), (2, 7, 3, 4), True),  # attention scores (Keras' TensorFlow graph)
+        ("BNTS,BSNH->BTNH", (2, 3, 5, 7), (2, 7, 3, 4), True),  # probabilities x values
+        ("bij,bjk->bik", (2, 3, 4), (2, 4, 5), True),
+        ("ii,ij->ij", (3, 3), (3, 3), False),  # a diagonal: left to OpenVINO
+    ],
+)
+def test_openvino_einsums_become_matmuls(equation, lhs_shape, rhs_shape, rewritten):
+    ov = pytest.importorskip("openvino", reason="needs the export extra (openvino)")
+    import openvino.opset13 as opset
+
+    from keras_perceiver.converters.artefacts import _einsums_as_matmuls
+
+    lhs, rhs = opset.parameter(lhs_shape, np.float32), opset.parameter(rhs_shape, np.float32)
+    model = ov.Model([opset.einsum([lhs, rhs], equation)], [lhs, rhs])
+    assert _einsums_as_matmuls(model) == int(rewritten)
+    assert ("Einsum" in [op.get_type_name() for op in model.get_ordered_ops()]) != rewritten
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=lhs_shape).astype("float32"), rng.normal(size=rhs_shape).astype("float32")
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    np.testing.assert_allclose(next(iter(compiled([x, y]).values())), np.einsum(equation, x, y), atol=1e-5)
 
 
 @once
