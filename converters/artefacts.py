@@ -21,7 +21,7 @@ from keras_perceiver.bench import timed_runs
 ROUTES = {
     "saved_model": ("tensorflow", "keras export (tf_saved_model)", "tf.saved_model"),
     "tflite": ("tensorflow", "SavedModel -> TFLiteConverter (builtin ops)", "LiteRT interpreter"),
-    "onnx": ("tensorflow", "keras export -> tf2onnx", "onnxruntime"),
+    "onnx": ("torch", "torch.export -> torch.onnx (dynamo)", "onnxruntime"),
     "openvino": ("tensorflow", "SavedModel -> openvino.convert_model -> Einsum as MatMul", "OpenVINO CPU (f32; bf16 with quantize='bfloat16')"),
     "coreml": ("torch", "torch.export -> run_decompositions -> coremltools mlprogram", "CoreML (macOS only)"),
 }
@@ -31,7 +31,7 @@ SUFFIXES = {"saved_model": "", "tflite": ".tflite", "onnx": ".onnx", "openvino":
 REQUIREMENTS = {
     "saved_model": ["tensorflow"],
     "tflite": ["tensorflow", "ai_edge_litert"],
-    "onnx": ["tensorflow", "tf2onnx", "onnxruntime"],
+    "onnx": ["torch", "onnxscript", "onnxruntime"],
     "openvino": ["tensorflow", "openvino"],
     "coreml": ["torch", "coremltools"],
 }
@@ -182,7 +182,7 @@ def _convert(model, job, work):
             converter.target_spec.supported_types = [tf.float16]
         Path(out).write_bytes(converter.convert())
     elif target == "onnx":
-        model.export(out, format="onnx", verbose=False)
+        _onnx(model, job)
         if job["quantize"] == "dynamic_int8":
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -244,16 +244,11 @@ def _einsums_as_matmuls(model):
     return count
 
 
-def _coreml(model, job):
-    """Returns the exported program that was converted and whether any axis stayed dynamic.
-
-    Axes the model leaves open (batch, lengths) stay open: torch.export marks them dynamic
-    (size-oblivious, so that 1 is a valid size too), and each becomes a CoreML `RangeDim`
-    from 1 to the bound torch.export proved, at most COREML_MAX_OPEN_SIZE (an ML program
-    needs a finite bound).
-    """
-    import coremltools as ct
-    import numpy as np
+def _torch_program(model, job, outputs_as_sorted_tuple=False):
+    """(torch.export program, example inputs) of the model called on its inputs in
+    `named_inputs` order. Axes the model leaves open (batch, lengths) stay dynamic, marked
+    size-oblivious so that 1 is a valid size too. A dict of outputs is returned as a tuple in
+    key order where the converter names outputs by position."""
     import torch
     import torch.fx.experimental._config as fx_config
 
@@ -266,7 +261,10 @@ def _coreml(model, job):
             self.model = model
 
         def forward(self, *args):
-            return self.model(dict(zip(names, args)))
+            outputs = self.model(dict(zip(names, args)))
+            if outputs_as_sorted_tuple and isinstance(outputs, dict):
+                return tuple(outputs[k] for k in sorted(outputs))
+            return outputs
 
     args = tuple(torch.from_numpy(inputs[n]) for n in names)
     open_axes = tuple(
@@ -276,7 +274,36 @@ def _coreml(model, job):
     with fx_config.patch(backed_size_oblivious=True):
         program = torch.export.export(
             Positional().eval(), args, dynamic_shapes=(open_axes,) if job["dynamic"] else None, strict=False
-        ).run_decompositions({})
+        )
+    return program, args
+
+
+def _onnx(model, job):
+    """torch.export -> torch.onnx (dynamo). Against Keras' tf2onnx export this graph has a
+    quarter of the nodes (no TensorFlow shape arithmetic around each Dense, LayerNormalization
+    as one op): small models run 1.3-1.5x faster in onnxruntime (benchmarks/NOTES.md)."""
+    import torch
+
+    program, _ = _torch_program(model, job, outputs_as_sorted_tuple=True)
+    onnx_program = torch.onnx.export(
+        program, input_names=list(model.named_inputs), output_names=output_keys(model) or ["outputs"],
+        dynamo=True, optimize=True, verbose=False,
+    )
+    onnx_program.save(job["out"])
+
+
+def _coreml(model, job):
+    """Returns the exported program that was converted and whether any axis stayed dynamic.
+
+    Each open axis of the torch.export program becomes a CoreML `RangeDim` from 1 to the bound
+    torch.export proved, at most COREML_MAX_OPEN_SIZE (an ML program needs a finite bound).
+    """
+    import coremltools as ct
+    import numpy as np
+
+    names = list(model.named_inputs)
+    program, args = _torch_program(model, job)
+    program = program.run_decompositions({})
     upper = {str(symbol): bound.upper for symbol, bound in program.range_constraints.items()}
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     input_types, described = [], []
@@ -342,10 +369,9 @@ def _runner(target, out, model_names, quantize=None):
         import onnxruntime as ort
 
         session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
-        # tf2onnx may prefix input names; match them by suffix
-        names = {i.name: next(n for n in model_names if i.name.endswith(n)) for i in session.get_inputs()}
+        names = [i.name for i in session.get_inputs()]  # the model's input names
         outputs = [o.name for o in session.get_outputs()]
-        return lambda x: dict(zip(outputs, session.run(None, {onnx_name: x[ours] for onnx_name, ours in names.items()})))
+        return lambda x: dict(zip(outputs, session.run(None, {n: x[n] for n in names})))
     if target == "openvino":
         import openvino as ov
 
@@ -389,7 +415,7 @@ def worker(job):
     from keras_perceiver.examples import outputs_to_numpy
 
     model, notes = _load(job)
-    model(_sizes(model, job)[0])  # Keras' ONNX export wants a model that has been called
+    model(_sizes(model, job)[0])  # build every layer before converting
     target = job["target"]
     names = list(model.named_inputs)
     with tempfile.TemporaryDirectory() as work:
