@@ -24,14 +24,22 @@ def _expand_mask(key_mask):
     )
 
 
-def _einsum_attention(query, key, value, mask, scale):
+def _heads_first(x):
+    """(B, T, H, D) -> (B, H, T, D)."""
+    return ops.transpose(x, (0, 2, 1, 3))
+
+
+# Attention's products are written as transposes + batched matmul rather than einsum: XLA on
+# CPU ran the einsum form 1.3-2.4x slower at the language model's shapes (JAX jit), and the
+# exported graphs get MatMul nodes (onnxruntime's Einsum: small language model 1.93 vs 1.36 ms).
+def _explicit_attention(query, key, value, mask, scale):
     """Reference maths, used when q/k and v widths differ (fused kernels need them equal)."""
-    logits = ops.einsum("bqhd,bkhd->bhqk", query, key)
+    logits = ops.matmul(_heads_first(query), ops.transpose(key, (0, 2, 3, 1)))  # (B, H, Tq, Tk)
     logits = ops.cast(logits, "float32") * scale
     if mask is not None:
         logits = ops.where(mask, logits, -1e30)
     probs = ops.cast(ops.softmax(logits, axis=-1), value.dtype)
-    return ops.einsum("bhqk,bkhd->bqhd", probs, value)
+    return _heads_first(ops.matmul(probs, _heads_first(value)))
 
 
 def _chunked_attention(query, key, value, mask, scale, chunk_size):
@@ -40,13 +48,13 @@ def _chunked_attention(query, key, value, mask, scale, chunk_size):
     Equal to the unchunked result up to float32 rounding (running max and running sum).
     """
     num_keys = key.shape[1]
-    q = ops.cast(query, "float32") * scale
+    q = _heads_first(ops.cast(query, "float32") * scale)
     running_max = None
     for start in range(0, num_keys, chunk_size):
         stop = start + chunk_size  # slicing clamps the last block (no min(): a symbolic size stays symbolic)
-        k = ops.cast(key[:, start:stop], "float32")
-        v = ops.cast(value[:, start:stop], "float32")
-        logits = ops.einsum("bqhd,bkhd->bhqk", q, k)
+        k = ops.transpose(ops.cast(key[:, start:stop], "float32"), (0, 2, 3, 1))  # (B, H, D, chunk)
+        v = _heads_first(ops.cast(value[:, start:stop], "float32"))
+        logits = ops.matmul(q, k)
         if mask is not None:
             logits = ops.where(mask[:, :, :, start:stop], logits, -1e30)
         block_max = ops.max(logits, axis=-1, keepdims=True)
@@ -54,16 +62,16 @@ def _chunked_attention(query, key, value, mask, scale, chunk_size):
             new_max = block_max
             probs = ops.exp(logits - new_max)
             total = ops.sum(probs, axis=-1, keepdims=True)
-            acc = ops.einsum("bhqk,bkhd->bhqd", probs, v)
+            acc = ops.matmul(probs, v)
         else:
             new_max = ops.maximum(running_max, block_max)
             correction = ops.exp(running_max - new_max)
             probs = ops.exp(logits - new_max)
             total = total * correction + ops.sum(probs, axis=-1, keepdims=True)
-            acc = acc * correction + ops.einsum("bhqk,bkhd->bhqd", probs, v)
+            acc = acc * correction + ops.matmul(probs, v)
         running_max = new_max
     out = acc / total
-    return ops.cast(ops.transpose(out, (0, 2, 1, 3)), value.dtype)
+    return ops.cast(_heads_first(out), value.dtype)
 
 
 def _chunk_size(query, num_keys, score_budget_bytes):
@@ -111,7 +119,7 @@ def attention(query, key, value, key_mask=None, score_budget_bytes=SCORE_BUDGET_
     elif query.shape[-1] == value.shape[-1]:
         out = ops.dot_product_attention(query, key, value, mask=mask, scale=scale)
     else:
-        out = _einsum_attention(query, key, value, mask, scale)
+        out = _explicit_attention(query, key, value, mask, scale)
 
     if row_has_key is not None:
         keep = ops.transpose(row_has_key, (0, 2, 1, 3))  # (B, Tq|1, 1, 1)
