@@ -145,6 +145,20 @@ def test_openvino_einsums_become_matmuls(equation, lhs_shape, rhs_shape, rewritt
 
 
 @once
+def test_onnx_graph_is_the_torch_export_graph(tmp_path):
+    """The ONNX route's graph: LayerNorm as one op, attention without Einsum, and none of the
+    per-Dense shape arithmetic (`ReduceProd` of tf.tensordot) that tf2onnx wrote."""
+    import collections
+
+    onnx = pytest.importorskip("onnx", reason="needs the export extra (onnx)")
+    keras.utils.set_random_seed(0)
+    export(build_small("perceiver_io"), "onnx", tmp_path / "model.onnx")
+    ops = collections.Counter(node.op_type for node in onnx.load(str(tmp_path / "model.onnx")).graph.node)
+    assert ops["LayerNormalization"] > 0 and ops["MatMul"] > 0
+    assert not {"Einsum", "ReduceProd", "GlobalAveragePool"} & set(ops), ops
+
+
+@once
 def test_quantized_error_over_the_bound_fails_the_export(tmp_path, monkeypatch):
     from keras_perceiver.converters import artefacts
 
