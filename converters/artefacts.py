@@ -281,7 +281,7 @@ def _torch_program(model, job, outputs_as_sorted_tuple=False):
 def _onnx(model, job):
     """torch.export -> torch.onnx (dynamo). Against Keras' tf2onnx export this graph has a
     quarter of the nodes (no TensorFlow shape arithmetic around each Dense, LayerNormalization
-    as one op): small models run 1.3-1.5x faster in onnxruntime (benchmarks/NOTES.md)."""
+    as one op): small models ran 1.5x faster in onnxruntime (benchmarks/NOTES.md)."""
     import torch
 
     program, _ = _torch_program(model, job, outputs_as_sorted_tuple=True)
