@@ -343,7 +343,7 @@ def _coreml(model, job):
     return program, bool(described)
 
 
-def _runner(target, out, model_names, quantize=None):
+def _runner(target, out, quantize=None):
     """-> function(inputs dict) -> {output name: NumPy array}, in the artefact's runtime
     (an OpenVINO artefact in bf16 where `quantize` is "bfloat16")."""
     import numpy as np
@@ -459,7 +459,7 @@ def worker(job):
                         "CoreML predictions need macOS: checked the converted torch.export program"
                     )
             else:
-                run = _runner(target, job["out"], names, job["quantize"])
+                run = _runner(target, job["out"], job["quantize"])
                 sets = []
                 for inputs in _sizes(model, job):
                     expected = outputs_to_numpy(model(inputs))

@@ -297,7 +297,7 @@ def run_artefacts(presets, targets, batches, repeats, peak, bfloat16_peak=None):
                 export_s = time.perf_counter() - start
                 for batch in batches:
                     inputs = bench_inputs(name, batch)
-                    run = _runner(target, str(path), list(inputs), quantize or None)
+                    run = _runner(target, str(path), quantize or None)
                     mode = target + (f" {quantize}" if quantize else "")
                     cell_peak = bfloat16_peak if quantize == "bfloat16" and bfloat16_peak else peak
                     cells.append(_cell(name, "artefact", mode, batch, timed_runs(lambda: run(inputs), repeats), export_s,

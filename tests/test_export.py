@@ -93,7 +93,7 @@ def test_quantized_tflite_stays_within_the_presets_bound(tmp_path):
     from keras_perceiver.zoo.train_digits import digits_split
 
     _, _, x_test, y_test = digits_split()
-    run = _runner("tflite", str(tmp_path / "digits_int8.tflite"), ["inputs"])
+    run = _runner("tflite", str(tmp_path / "digits_int8.tflite"))
     logits = np.concatenate([next(iter(run({"inputs": x_test[i : i + 50]}).values())) for i in range(0, len(x_test), 50)])
     assert (logits.argmax(-1) == y_test).mean() >= 0.97
 
@@ -109,7 +109,7 @@ def test_openvino_bfloat16_runs_in_bf16_within_the_bound(tmp_path):
     from keras_perceiver.zoo.train_digits import digits_split
 
     _, _, x_test, y_test = digits_split()
-    run = _runner("openvino", str(path), ["inputs"], "bfloat16")
+    run = _runner("openvino", str(path), "bfloat16")
     logits = next(iter(run({"inputs": x_test}).values()))
     assert (logits.argmax(-1) == y_test).mean() >= 0.97
     if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
