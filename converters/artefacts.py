@@ -300,10 +300,14 @@ def _coreml(model, job):
     """
     import coremltools as ct
     import numpy as np
+    import torch
+    import torch.fx.experimental._config as fx_config
 
     names = list(model.named_inputs)
     program, args = _torch_program(model, job)
-    program = program.run_decompositions({})
+    # Decomposing retraces: outside the size-oblivious patch it would guard open axes to != 1.
+    with fx_config.patch(backed_size_oblivious=True):
+        program = program.run_decompositions({})
     upper = {str(symbol): bound.upper for symbol, bound in program.range_constraints.items()}
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     input_types, described = [], []
@@ -336,7 +340,7 @@ def _coreml(model, job):
     mlmodel = ct.models.MLModel(spec, weights_dir=mlmodel.weights_dir)
     mlmodel.short_description = "keras_perceiver export; " + (
         "dynamic axes: " + ", ".join(described) if described else "static input shapes: " + ", ".join(
-            f"{n}{tuple(inputs[n].shape)}" for n in names
+            f"{n}{tuple(example.shape)}" for n, example in zip(names, args)
         )
     )
     mlmodel.save(job["out"])
