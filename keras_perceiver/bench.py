@@ -134,7 +134,13 @@ def accelerators():
 
 
 # ---------------------------------------------------------------- analytic FLOPs
-def _attention_flops(queries, keys, q_in, kv_in, qk, v, out, self_attention=False):
+def _attention_flops(queries, keys, q_in, kv_in, qk, v, out, self_attention=False, heads=1):
+    from keras_perceiver.layers.attention import projections_on_query_side
+
+    if not self_attention and projections_on_query_side(queries, heads, kv_in, qk, v):
+        # what MultiHeadAttention computes then: the context is never projected
+        width = kv_in + 1
+        return 2 * (queries * q_in * qk + queries * width * (qk + v) + 2 * heads * queries * keys * width + queries * v * out)
     projections = queries * q_in * qk + keys * kv_in * (qk + v) if not self_attention else queries * q_in * (2 * qk + v)
     return 2 * (projections + queries * keys * (qk + v) + queries * v * out)
 
@@ -151,9 +157,8 @@ def forward_flops(model, inputs):
         b, t, f, v = inputs["media"].shape[:4]
         keys = f * v + c.num_latents
         inner = c.num_heads * c.head_channels
-        per_layer = 2 * (
-            c.num_latents * c.dim * inner + keys * c.dim * 2 * inner + 2 * c.num_latents * keys * inner
-            + c.num_latents * inner * c.dim + 2 * c.num_latents * c.dim * c.ff_mult * c.dim
+        per_layer = _attention_flops(c.num_latents, keys, c.dim, c.dim, inner, inner, c.dim, heads=c.num_heads) + (
+            4 * c.num_latents * c.dim * c.ff_mult * c.dim
         )
         return b * t * c.depth * per_layer
     adapter = model.get_layer("input_adapter")
@@ -169,7 +174,7 @@ def forward_flops(model, inputs):
     n, d = c.num_latents, c.latent_channels
     qk = c.cross_attention_qk_channels or channels
     v = c.cross_attention_v_channels or qk
-    flops += c.num_cross_attends * (_attention_flops(n, length, d, channels, qk, v, d) + 4 * n * d * d * c.cross_attention_widening_factor)
+    flops += c.num_cross_attends * (_attention_flops(n, length, d, channels, qk, v, d, heads=c.num_cross_attention_heads) + 4 * n * d * d * c.cross_attention_widening_factor)
     sqk = c.self_attention_qk_channels or d
     sv = c.self_attention_v_channels or sqk
     per_self = _attention_flops(n, n, d, d, sqk, sv, d, self_attention=True) + 4 * n * d * d * c.self_attention_widening_factor
@@ -180,7 +185,7 @@ def forward_flops(model, inputs):
         width = model.get_layer("decoder").input[0].shape[-1]
         dqk = c.decoder_qk_channels or d
         dv = c.decoder_v_channels or dqk
-        flops += _attention_flops(queries, n, width, d, dqk, dv, width) + 4 * queries * width * width * c.decoder_widening_factor
+        flops += _attention_flops(queries, n, width, d, dqk, dv, width, heads=c.decoder_num_heads) + 4 * queries * width * width * c.decoder_widening_factor
         if c.output_channels:
             flops += 2 * queries * width * c.output_channels
             width = c.output_channels
@@ -189,7 +194,7 @@ def forward_flops(model, inputs):
     else:
         if c.pooling == "query":
             dqk = c.decoder_qk_channels or d
-            flops += _attention_flops(1, n, d, d, dqk, c.decoder_v_channels or dqk, d) + 4 * d * d
+            flops += _attention_flops(1, n, d, d, dqk, c.decoder_v_channels or dqk, d, heads=c.decoder_num_heads) + 4 * d * d
         flops += 2 * d * c.num_classes
     return batch * flops
 

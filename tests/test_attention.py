@@ -2,9 +2,10 @@ import keras
 import numpy as np
 import pytest
 from conftest import to_numpy
-from numpy_reference import softmax_attention
+from numpy_reference import multi_head_attention, softmax_attention
 
 from keras_perceiver.layers import MultiHeadAttention, attention
+from keras_perceiver.layers.attention import projections_on_query_side
 
 
 def _qkv(v_dim, num_keys=11, seed=0):
@@ -118,3 +119,28 @@ def test_attention_in_bfloat16_returns_bfloat16_close_to_float32():
 def test_multi_head_attention_rejects_indivisible_widths():
     with pytest.raises(ValueError, match="qk_channels.*divisible by num_heads=3.*received 16"):
         MultiHeadAttention(3, 16, 15, 8)
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+@pytest.mark.parametrize("budget", [None, 2000], ids=["whole", "key_blocks"])
+def test_projections_on_the_query_side_equal_the_standard_form(heads, budget):
+    # few queries, a wide context: the layer moves the key / value projections to the queries
+    assert projections_on_query_side(3, heads, 40, 32, 64)
+    layer = MultiHeadAttention(heads, 32, 64, 24, score_budget_bytes=budget)
+    rng = np.random.default_rng(3)
+    query = rng.normal(size=(2, 3, 12)).astype("float32")
+    context = rng.normal(size=(2, 50, 40)).astype("float32")
+    layer(query, context)
+    for w in layer.weights:  # non-zero biases: they travel through the all-ones channel
+        w.assign(rng.normal(size=w.shape).astype("float32") * 0.2)
+    mask = rng.random((2, 50)) > 0.4
+    mask[1] = False  # an example with no key: the attention output is zero, as in the standard form
+    got = to_numpy(layer(query, context, key_mask=mask))
+    np.testing.assert_allclose(got, multi_head_attention(layer, query, context, mask[:, None, :]), atol=2e-5)
+    unmasked = to_numpy(layer(query, context))
+    np.testing.assert_allclose(unmasked, multi_head_attention(layer, query, context), atol=2e-5)
+
+
+def test_projections_stay_on_the_context_side_for_many_queries():
+    assert not projections_on_query_side(256, 8, 768, 256, 1280)  # perceiver_io_language's encoder
+    assert not projections_on_query_side(None, 1, 40, 32, 64)

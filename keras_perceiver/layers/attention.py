@@ -86,23 +86,26 @@ def _chunk_size(query, num_keys, score_budget_bytes):
     return max(16, score_budget_bytes // (4 * rows))
 
 
-def attention(query, key, value, key_mask=None, score_budget_bytes=SCORE_BUDGET_BYTES, chunk_size=None):
+def attention(
+    query, key, value, key_mask=None, score_budget_bytes=SCORE_BUDGET_BYTES, chunk_size=None, scale=None
+):
     """Scaled dot-product attention over heads, the only one the package uses.
 
     Args:
         query: (batch, queries, heads, qk_dim).
-        key: (batch, keys, heads, qk_dim).
-        value: (batch, keys, heads, v_dim); v_dim may differ from qk_dim.
+        key: (batch, keys, heads or 1, qk_dim); one key head is shared by every query head.
+        value: (batch, keys, heads or 1, v_dim); v_dim may differ from qk_dim.
         key_mask: optional boolean, (batch, keys) or (batch, queries, keys); True = attend.
             A query row whose keys are all masked returns zeros, never NaN.
         score_budget_bytes: the most float32 scores to hold at once; above it keys are
             processed in blocks with an online softmax (None: never). `chunk_size` forces
             blocks of that many keys.
+        scale: the logits' factor; default 1 / sqrt(qk_dim).
 
     Returns (batch, queries, heads, v_dim) in the dtype of `value`. Softmax runs in
     float32 for half-precision inputs on every backend.
     """
-    scale = 1.0 / math.sqrt(query.shape[-1])
+    scale = scale or 1.0 / math.sqrt(query.shape[-1])
     mask = None
     row_has_key = None
     if key_mask is not None:
@@ -116,7 +119,7 @@ def attention(query, key, value, key_mask=None, score_budget_bytes=SCORE_BUDGET_
     chunk_size = chunk_size or _chunk_size(query, num_keys, score_budget_bytes)
     if chunk_size and num_keys is not None and num_keys > chunk_size:
         out = _chunked_attention(query, key, value, mask, scale, chunk_size)
-    elif query.shape[-1] == value.shape[-1]:
+    elif query.shape[-1] == value.shape[-1] and key.shape[2] == query.shape[2]:
         out = ops.dot_product_attention(query, key, value, mask=mask, scale=scale)
     else:
         out = _explicit_attention(query, key, value, mask, scale)
@@ -125,6 +128,32 @@ def attention(query, key, value, key_mask=None, score_budget_bytes=SCORE_BUDGET_
         keep = ops.transpose(row_has_key, (0, 2, 1, 3))  # (B, Tq|1, 1, 1)
         out = ops.where(keep, out, ops.zeros_like(out))
     return out
+
+
+def _per_head_matmul(x, kernels):
+    """(B, T, H, a) x (H, a, b) -> (B, T, H, b), as a matmul with equal batch axes (H):
+    TensorFlow's oneDNN batch matmul broadcasting a rank-3 operand against a rank-4 one gave
+    wrong values and segfaulted (TF 2.21)."""
+    shape = ops.shape(x)
+    heads, width = kernels.shape[0], kernels.shape[-1]
+    rows = ops.reshape(ops.transpose(x, (2, 0, 1, 3)), (heads, -1, x.shape[-1]))  # (H, B * T, a)
+    out = ops.reshape(ops.matmul(rows, kernels), (heads, shape[0], shape[1], width))
+    return ops.transpose(out, (1, 2, 0, 3))
+
+
+def projections_on_query_side(num_queries, num_heads, context_channels, qk_channels, v_channels):
+    """Whether cross-attention costs fewer multiply-adds with the key and value projections
+    moved to the queries' side (`MultiHeadAttention._attend_to_context`). Per context
+    element that costs 2 x heads x queries x (channels + 1) instead of
+    (channels + queries) x (qk + v): fewer with few queries and wide contexts (the small
+    Fourier classifier: 34 k instead of 170 k); both grow linearly in the context length.
+    Chosen only below half: its products have fewer rows (one per query, not one per context
+    element), and between half and equal (the large Fourier classifier and resampler) the
+    moved form was not measured."""
+    if num_queries is None or context_channels is None:
+        return False
+    moved = 2 * num_heads * num_queries * (context_channels + 1)
+    return 2 * moved < (context_channels + num_queries) * (qk_channels + v_channels)
 
 
 @keras.saving.register_keras_serializable(package="keras_perceiver")
@@ -192,6 +221,10 @@ class MultiHeadAttention(keras.layers.Layer):
         return ops.reshape(x, (shape[0], shape[1], self.num_heads, x.shape[-1] // self.num_heads))
 
     def call(self, query, context=None, key_mask=None):
+        if not self.self_attention and projections_on_query_side(
+            query.shape[1], self.num_heads, context.shape[-1], self.qk_channels, self.v_channels
+        ):
+            return self._apply(self._attend_to_context(query, context, key_mask), self.out)
         qk = self.qk_channels
         # Rank-3 slices, not `x[..., a:b]` (no TFLite builtin) nor ops.split (its torch
         # lowering makes sizes data-dependent for torch.export).
@@ -211,6 +244,28 @@ class MultiHeadAttention(keras.layers.Layer):
         )
         out = ops.reshape(out, (ops.shape(out)[0], -1, self.v_channels))
         return self._apply(out, self.out)
+
+    def _attend_to_context(self, query, context, key_mask):
+        """Cross-attention with the key and value projections moved to the queries' side:
+        logits_h = (q_h Wk_h^T) x^T and out_h = (p_h x) Wv_h, so the context is never projected.
+        An all-ones context channel carries the key and value biases exactly (a row with no
+        key still gives zeros). Returns (batch, queries, v_channels)."""
+        kernel, bias = self.kv
+        heads, qk, v = self.num_heads, self.qk_channels, self.v_channels
+        if bias is not None:
+            kernel = ops.concatenate([kernel, ops.expand_dims(bias, 0)], axis=0)
+            context = ops.concatenate([context, ops.ones_like(context[:, :, :1])], axis=-1)
+        width = kernel.shape[0]
+        key_kernel = ops.transpose(ops.reshape(kernel[:, :qk], (width, heads, qk // heads)), (1, 2, 0))
+        value_kernel = ops.transpose(ops.reshape(kernel[:, qk:], (width, heads, v // heads)), (1, 0, 2))
+        q_context = _per_head_matmul(self._split_heads(self._apply(query, self.q)), key_kernel)
+        x = ops.expand_dims(context, 2)  # (B, M, 1, width): one key head shared by all heads
+        out = attention(
+            q_context, x, x, key_mask=key_mask, score_budget_bytes=self.score_budget_bytes,
+            scale=1.0 / math.sqrt(qk // heads),
+        )
+        out = _per_head_matmul(out, value_kernel)  # (B, N, H, v / H)
+        return ops.reshape(out, (ops.shape(out)[0], -1, v))
 
     def compute_output_shape(self, query_shape, context_shape=None):
         return tuple(query_shape[:-1]) + (self.output_channels,)
