@@ -260,6 +260,10 @@ class MultiHeadAttention(keras.layers.Layer):
         value_kernel = ops.transpose(ops.reshape(kernel[:, qk:], (width, heads, v // heads)), (1, 0, 2))
         q_context = _per_head_matmul(self._split_heads(self._apply(query, self.q)), key_kernel)
         x = ops.expand_dims(context, 2)  # (B, M, 1, width): one key head shared by all heads
+        if heads > 1:
+            # spelled out per head: torch.compile's attention fusion broke on the broadcast
+            shape = ops.shape(context)
+            x = ops.broadcast_to(x, (shape[0], shape[1], heads, width))
         out = attention(
             q_context, x, x, key_mask=key_mask, score_budget_bytes=self.score_budget_bytes,
             scale=1.0 / math.sqrt(qk // heads),
