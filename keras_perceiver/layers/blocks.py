@@ -11,8 +11,9 @@ LAYER_NORM_EPSILON = 1e-5  # what the reference checkpoints actually use
 def get_activation(name):
     """GELU is the exact (erf) form, as in the references; `squared_relu` is Primer's."""
     if name == "gelu":
-        # Written with erf: TensorFlow's own exact GELU lowers to Erfc, which ONNX lacks.
-        return lambda x: 0.5 * x * (1.0 + ops.erf(x * 0.7071067811865476))
+        # The backend's own kernel (one op on PyTorch eager instead of five passes over the
+        # widest activation); every export route converts it (TFLite and OpenVINO read TF's Erfc).
+        return lambda x: ops.gelu(x, approximate=False)
     if name == "gelu_approximate":
         return lambda x: keras.activations.gelu(x, approximate=True)
     if name == "squared_relu":
