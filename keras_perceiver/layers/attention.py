@@ -74,6 +74,17 @@ def _chunked_attention(query, key, value, mask, scale, chunk_size):
     return ops.cast(_heads_first(out), value.dtype)
 
 
+def _heads_of(x, query):
+    """One key / value head shared by every query head, broadcast to them explicitly for the
+    fused kernel: torch.compile's attention fusion failed on the implicit broadcast with
+    dynamic shapes (a view on PyTorch; the ONNX export keeps one Expand per cross-attention)."""
+    heads = query.shape[2]
+    if x.shape[2] == heads:
+        return x
+    shape = ops.shape(x)
+    return ops.broadcast_to(x, (shape[0], shape[1], heads, x.shape[-1]))
+
+
 def _chunk_size(query, num_keys, score_budget_bytes):
     """Keys per block so that one block's scores fit the budget; None = no chunking."""
     if not score_budget_bytes or num_keys is None:
@@ -119,7 +130,8 @@ def attention(
     chunk_size = chunk_size or _chunk_size(query, num_keys, score_budget_bytes)
     if chunk_size and num_keys is not None and num_keys > chunk_size:
         out = _chunked_attention(query, key, value, mask, scale, chunk_size)
-    elif query.shape[-1] == value.shape[-1] and key.shape[2] == query.shape[2]:
+    elif query.shape[-1] == value.shape[-1]:
+        key, value = _heads_of(key, query), _heads_of(value, query)
         out = ops.dot_product_attention(query, key, value, mask=mask, scale=scale)
     else:
         out = _explicit_attention(query, key, value, mask, scale)
@@ -260,10 +272,6 @@ class MultiHeadAttention(keras.layers.Layer):
         value_kernel = ops.transpose(ops.reshape(kernel[:, qk:], (width, heads, v // heads)), (1, 0, 2))
         q_context = _per_head_matmul(self._split_heads(self._apply(query, self.q)), key_kernel)
         x = ops.expand_dims(context, 2)  # (B, M, 1, width): one key head shared by all heads
-        if heads > 1:
-            # spelled out per head: torch.compile's attention fusion broke on the broadcast
-            shape = ops.shape(context)
-            x = ops.broadcast_to(x, (shape[0], shape[1], heads, width))
         out = attention(
             q_context, x, x, key_mask=key_mask, score_budget_bytes=self.score_budget_bytes,
             scale=1.0 / math.sqrt(qk // heads),
