@@ -75,17 +75,49 @@ def gemm_peaks(size=2048, repeats=5):
     return peaks
 
 
-def bfloat16_gemm_peak(size=2048, repeats=5):
+def bfloat16_gemm_peak(max_size=2048, repeats=5):
     """PyTorch's bfloat16 (size x size) matmul rate, GFLOP/s: the peak that bfloat16 cells are
-    measured against (AMX / AVX512-BF16 CPUs run it in hardware). None without PyTorch."""
+    measured against (AMX / AVX512-BF16 CPUs run it in hardware). The size doubles from 256 to
+    `max_size` while one product takes under 50 ms: CPUs without bfloat16 units run it at about
+    1 GFLOP/s (2-core AMD EPYC, 2026-11-23), where a 2048 product takes 17 s. None without PyTorch."""
     try:
         import torch
     except ImportError:
         return None
     generator = torch.Generator().manual_seed(0)
-    a, b = (torch.rand(size, size, generator=generator, dtype=torch.bfloat16) for _ in range(2))
+    size = 256
+    while True:
+        a, b = (torch.rand(size, size, generator=generator, dtype=torch.bfloat16) for _ in range(2))
+        if size >= max_size or _timed(lambda: a @ b) > 0.05:
+            break
+        size *= 2
     a @ b
     return 2 * size**3 / min(_timed(lambda: a @ b) for _ in range(repeats)) / 1e9
+
+
+def accelerator_gemm_peaks(size=8192, repeats=10):
+    """Float32 and bfloat16 (size x size) matmul rates of the first CUDA GPU, GFLOP/s, through
+    PyTorch (float32 without TF32: the precision float32 cells run in); {} without one."""
+    try:
+        import torch
+    except ImportError:
+        return {}
+    if not torch.cuda.is_available():
+        return {}
+    torch.backends.cuda.matmul.allow_tf32 = False
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    peaks = {}
+    for dtype in ("float32", "bfloat16"):
+        a, b = (torch.rand(size, size, generator=generator, device="cuda", dtype=getattr(torch, dtype)) for _ in range(2))
+        (a @ b).sum().item()  # warm-up: cuBLAS handles and kernel choice stay out of the timing
+        times = []
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            times.append(_timed(lambda: (a @ b, torch.cuda.synchronize())))
+        peaks[dtype] = 2 * size**3 / statistics.median(times) / 1e9
+        del a, b
+    torch.cuda.empty_cache()
+    return peaks
 
 
 def _timed(fn):
@@ -131,6 +163,85 @@ def accelerators():
     import tensorflow as tf
 
     return [d.name for d in tf.config.list_physical_devices() if d.device_type != "CPU"]
+
+
+def on_device(inputs):
+    """`inputs` as tensors on the backend's default device (the GPU where there is one), so
+    that timed calls exclude host-to-device copies."""
+    import keras
+
+    return {k: keras.ops.convert_to_tensor(v) for k, v in inputs.items()}
+
+
+def wait_for(outputs):
+    """Block until the device has computed `outputs` (calls are asynchronous on GPUs)."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.block_until_ready(outputs)
+    if backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return outputs
+    return keras.tree.map_structure(keras.ops.convert_to_numpy, outputs)
+
+
+def device_peak_memory_mb():
+    """Peak accelerator memory the process has allocated so far, MB; None on CPU."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        stats = jax.devices()[0].memory_stats() or {}
+        return stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return None
+
+
+def compiled_forward(model):
+    """The compiled forward pass, outputs left on the device: `jax.jit` of the stateless call on
+    JAX, Keras' own predict function (`torch.compile` / `tf.function(jit_compile=True)`) else."""
+    import keras
+
+    model.compile(jit_compile=True)
+    if keras.backend.backend() == "jax":
+        import jax
+
+        state = [v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables]
+        step = jax.jit(lambda t, n, x: model.stateless_call(t, n, x)[0])
+        return lambda x: step(*state, x)
+    model.make_predict_function()
+    return lambda x: model.predict_function([(x,)])
+
+
+def _inference(float32_matmuls=False):
+    """The context timed calls run in: no autograd tape on PyTorch (the peers run under
+    `torch.no_grad` too) and, where asked, float32 matmuls computed in float32 on JAX (its GPU
+    default is TF32; PyTorch's default, and the measured float32 peak, are full float32)."""
+    import contextlib
+
+    import keras
+
+    stack = contextlib.ExitStack()
+    if keras.backend.backend() == "torch":
+        import torch
+
+        stack.enter_context(torch.no_grad())
+    if float32_matmuls and keras.backend.backend() == "jax":
+        import jax
+
+        stack.enter_context(jax.default_matmul_precision("highest"))
+    return stack
 
 
 # ---------------------------------------------------------------- analytic FLOPs
@@ -240,7 +351,17 @@ def bench_model(name):
         return kp.from_preset(name, load_weights=False)
 
 
-def run_cells(presets, batches, repeats, modes, peak):
+def _max_rel_error(got, expected):
+    """max |got - expected| / max |expected|: how far a reduced-precision cell moved the output."""
+    got, expected = np.asarray(got, "float32"), np.asarray(expected, "float32")
+    return float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-30))
+
+
+def run_cells(presets, batches, repeats, modes, peaks, dtypes=("float32",), accelerated=False):
+    """Ours, per preset x dtype x mode x batch. On an accelerator inputs sit on the device and
+    outputs stay there (the call is timed to completion); on the CPU outputs come back as NumPy,
+    as a user gets them. A bfloat16 cell runs a copy of the float32 model with the same weights
+    in Keras' "bfloat16" policy, and records its error against the float32 output."""
     import gc
 
     import keras
@@ -250,23 +371,49 @@ def run_cells(presets, batches, repeats, modes, peak):
     backend = keras.backend.backend()
     cells = []
     for name in presets:
-        model = bench_model(name)
-        for mode in modes:
-            if mode == "compiled":
-                model.compile(jit_compile=True)
-            for batch in batches:
-                inputs = bench_inputs(name, batch)
-                if mode == "eager":
-                    fn = lambda: outputs_to_numpy(model(inputs))  # noqa: E731
-                    compile_s = 0.0
-                else:
-                    fn = lambda: model.predict_on_batch(inputs)  # noqa: E731
-                    compile_s = _timed(fn)  # a new batch size compiles anew
-                cells.append(_cell(name, backend, mode, batch, timed_runs(fn, repeats), compile_s,
-                                   forward_flops(model, inputs), peak))
-        del model
+        reference = bench_model(name)
+        expected = {}
+        for dtype in dtypes:
+            model = reference if dtype == "float32" else _with_dtype(reference, dtype)
+            for mode in modes:
+                forward = compiled_forward(model) if mode == "compiled" else model
+                for batch in batches:
+                    inputs = bench_inputs(name, batch)
+                    flops = forward_flops(model, inputs)
+                    if accelerated:
+                        inputs = on_device(inputs)
+                        fn = lambda: wait_for(forward(inputs))  # noqa: E731
+                    elif mode == "eager":
+                        fn = lambda: outputs_to_numpy(model(inputs))  # noqa: E731
+                    else:
+                        fn = lambda: model.predict_on_batch(inputs)  # noqa: E731
+                    with _inference(float32_matmuls=dtype == "float32" and accelerated):
+                        # the first call compiles (again for each new batch size), then one warm-up
+                        start = time.perf_counter()
+                        output = outputs_to_numpy(fn())
+                        compile_s = time.perf_counter() - start if mode == "compiled" else 0.0
+                        times = timed_runs(fn, repeats)
+                    extra = {"dtype": dtype, "peak_device_mb": device_peak_memory_mb()}
+                    if dtype == "float32":
+                        expected.setdefault(batch, output)
+                    elif batch in expected:
+                        extra["max_rel_error"] = _max_rel_error(output, expected[batch])
+                    label = mode if dtype == "float32" else f"{mode} {dtype}"
+                    cells.append(_cell(name, backend, label, batch, times, compile_s, flops, peaks[dtype], **extra))
+            del model
+            gc.collect()
+        del reference
         gc.collect()
     return cells
+
+
+def _with_dtype(model, dtype):
+    """The same model and weights under another dtype policy (e.g. "bfloat16")."""
+    config = model.get_config()
+    config["dtype"] = dtype
+    copy = type(model).from_config(config)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def _cell(preset, backend, mode, batch, times, compile_s, flops, peak, **extra):
@@ -314,19 +461,28 @@ def run_artefacts(presets, targets, batches, repeats, peak, bfloat16_peak=None):
 def main_worker(job):
     import keras
 
-    peak = max(job["gemm_peaks"].values())
-    cells = run_cells(job["presets"], job["batches"], job["repeats"], job["modes"], peak) if job["modes"] else []
+    found = accelerators()
+    accelerated = bool(found and job.get("accelerator_peaks"))
+    cpu_peak = max(job["gemm_peaks"].values())
+    # each cell is measured against the peak of the unit and precision it runs in
+    # (a CPU without bfloat16 units computes bfloat16 products fastest through float32)
+    peaks = dict(job["accelerator_peaks"]) if accelerated else {"float32": cpu_peak, "bfloat16": max(job.get("bfloat16_peak") or 0, cpu_peak)}
+    dtypes = job.get("dtypes", ["float32"])
+    cells = run_cells(job["presets"], job["batches"], job["repeats"], job["modes"], peaks, dtypes, accelerated) if job["modes"] else []
     if job.get("targets"):
-        cells += run_artefacts(job["presets"], job["targets"], job["batches"], job["repeats"], peak, job.get("bfloat16_peak"))
-    peers = run_peers(job["presets"], job["batches"], job["repeats"]) if job.get("peers") else []
+        cells += run_artefacts(job["presets"], job["targets"], job["batches"], job["repeats"], cpu_peak, job.get("bfloat16_peak"))
+    peers = run_peers(job["presets"], job["batches"], job["repeats"], dtypes=dtypes, peaks=peaks, accelerated=accelerated) if job.get("peers") else []
     Path(job["out"]).write_text(
         json.dumps(
             {
-                "device": dict(device_description(), accelerators=accelerators()),
-                "versions": {"keras": keras.version(), "backend": keras.backend.backend(), "python": platform.python_version()},
-                "gemm_peak_gflops": peak,
+                "device": dict(device_description(), accelerators=found),
+                "versions": {"keras": keras.version(), "backend": keras.backend.backend(), "python": platform.python_version(),
+                             keras.backend.backend(): _backend_version()},
+                "accelerated": accelerated,
+                "gemm_peak_gflops": peaks["float32"],
                 "gemm_peaks_gflops": job["gemm_peaks"],
-                "bfloat16_gemm_peak_gflops": job.get("bfloat16_peak"),
+                "accelerator_gemm_peaks_gflops": job.get("accelerator_peaks") or {},
+                "bfloat16_gemm_peak_gflops": peaks["bfloat16"] if accelerated else job.get("bfloat16_peak"),
                 "cells": cells,
                 "peers": peers,
             }
@@ -334,21 +490,36 @@ def main_worker(job):
     )
 
 
-def run(presets, backends, batches=(1,), repeats=5, modes=("eager", "compiled"), out="bench.json", peers=True, targets=()):
+def _backend_version():
+    import importlib
+
+    import keras
+
+    return importlib.import_module(keras.backend.backend()).__version__
+
+
+def run(presets, backends, batches=(1,), repeats=5, modes=("eager", "compiled"), out="bench.json", peers=True, targets=(),
+        dtypes=("float32",)):
     """Run every backend in its own process (peers in the torch one, same process as ours,
     so the same machine state; exported artefacts, `target[:quantize]`, in the first);
-    merge into one JSON at `out`. The GEMM peaks (float32; bfloat16 for bfloat16 artefacts) are
-    measured here, once, before the runs."""
+    merge into one JSON at `out`. The GEMM peaks (float32; bfloat16 for bfloat16 cells; the
+    GPU's, where there is one) are measured here, once, before the runs. `dtypes`: the
+    precisions ours and the peers run in, "float32" and / or "bfloat16"."""
+    unknown = sorted(set(dtypes) - {"float32", "bfloat16"})
+    if unknown or not dtypes:
+        raise ValueError(f"bench: `dtypes` must be one or more of 'float32', 'bfloat16'; received {list(dtypes)!r}")
     results = {"device": device_description(), "runs": []}
     peaks = gemm_peaks()
-    bf16_peak = bfloat16_gemm_peak() if any(t.endswith(":bfloat16") for t in targets) else None
+    accelerator_peaks = accelerator_gemm_peaks()
+    wants_bf16 = "bfloat16" in dtypes or any(t.endswith(":bfloat16") for t in targets)
+    bf16_peak = bfloat16_gemm_peak() if wants_bf16 else None
     total = len(backends)
     started = time.perf_counter()
     for index, backend in enumerate(backends):
         with tempfile.TemporaryDirectory() as work:
             job = dict(presets=presets, batches=list(batches), repeats=repeats, modes=list(modes), out=os.path.join(work, "r.json"),
                        peers=peers and backend == "torch", targets=list(targets) if index == 0 else [], gemm_peaks=peaks,
-                       bfloat16_peak=bf16_peak)
+                       bfloat16_peak=bf16_peak, accelerator_peaks=accelerator_peaks, dtypes=list(dtypes))
             env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
             done = subprocess.run([sys.executable, "-m", "keras_perceiver.bench", json.dumps(job)], env=env)
             if done.returncode:
@@ -390,7 +561,7 @@ def report(paths, markdown_out=None, plot_out=None):
                 )
     peer_lines = [
         "",
-        "| machine | preset | batch | peer | peer mode | peer ms | peer % of GEMM peak | our best float32 | our ms "
+        "| machine | preset | batch | peer | peer mode | peer ms | peer % of GEMM peak | our best, same precision | our ms "
         "| peer time / our time | our best reduced precision | its ms | peer time / its time | its error / output range |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -399,18 +570,22 @@ def report(paths, markdown_out=None, plot_out=None):
         ours = [c for run_ in data["runs"] for c in run_["cells"]]
         for run_ in data["runs"]:
             device = run_["device"]
-            machine = f"{device['cpu']} x{device['threads']}"
+            machine = f"{device['cpu']} x{device['threads']}" + (f" + {', '.join(device['accelerators'])}" if device["accelerators"] else "")
             for p in run_.get("peers", []):
+                # a bfloat16 peer is compared with our bfloat16 cells, a float32 one with our float32
+                # cells and, in the reduced-precision columns, with our fastest reduced-precision cell
                 same = [c for c in ours if c["preset"] == p["preset"] and c["batch"] == p["batch"]]
-                full = [c for c in same if not _reduced(c)]
-                if not full:
+                matching = [c for c in same if _reduced(c) == _reduced(p)]
+                if not matching:
                     continue
-                best = min(full, key=lambda c: c["median_ms"])
-                peer_fraction = best["gflop"] / (p["median_ms"] / 1000) / run_["gemm_peak_gflops"]
-                reduced = min([c for c in same if _reduced(c)], key=lambda c: c["median_ms"], default=None)
+                best = min(matching, key=lambda c: c["median_ms"])
+                peer_fraction = best["gflop"] / (p["median_ms"] / 1000) / (p.get("peak_gflops") or run_["gemm_peak_gflops"])
+                reduced = None if _reduced(p) else min([c for c in same if _reduced(c)], key=lambda c: c["median_ms"], default=None)
                 reduced_cells = (
                     f"{reduced['mode']} | {reduced['median_ms']:.1f} | {p['median_ms'] / reduced['median_ms']:.2f}x | "
-                    f"{reduced['max_rel_error']:.1e}" if reduced else "- | - | - | -"
+                    f"{reduced['max_rel_error']:.1e}" if reduced and "max_rel_error" in reduced else
+                    f"{reduced['mode']} | {reduced['median_ms']:.1f} | {p['median_ms'] / reduced['median_ms']:.2f}x | -" if reduced
+                    else "- | - | - | -"
                 )
                 peer_lines.append(
                     f"| {machine} | {p['preset']} | {p['batch']} | {p['peer']} | {p['mode']} | {p['median_ms']:.1f} | "
@@ -478,32 +653,42 @@ def peer_model(name):
     return model, lambda x: (torch.from_numpy(x["inputs"].transpose(0, 3, 1, 2).copy()),)
 
 
-def run_peers(presets, batches, repeats, compiled=False):
+def run_peers(presets, batches, repeats, compiled=False, dtypes=("float32",), peaks=None, accelerated=False):
+    """The PyTorch originals, per preset x dtype x batch, on the GPU when `accelerated`
+    (inputs moved there first, each call timed to completion)."""
     import torch
 
+    device = "cuda" if accelerated else "cpu"
     cells = []
     for name in presets:
         found = peer_model(name)
         if found is None:
             continue
         model, to_torch = found
-        fn = model if not compiled else torch.compile(model)
-        for batch in batches:
-            args = to_torch(bench_inputs(name, batch))
-            if len(args) == 2:
-                call = lambda: fn(inputs=args[0], attention_mask=args[1])  # noqa: E731
-            elif "Resampler" in type(model).__name__:
-                call = lambda: fn(*args)  # noqa: E731
-            else:
-                call = lambda: fn(inputs=args[0])  # noqa: E731
-            with torch.no_grad():
-                compile_s = _timed(call)
-                times = [_timed(call) for _ in range(repeats)]
-            median = statistics.median(times)
-            cells.append(dict(preset=name, peer=type(model).__module__.split(".")[0] + "." + type(model).__name__,
-                              mode="torch.compile" if compiled else "eager", batch=batch, median_ms=1000 * median,
-                              spread_ms=1000 * (max(times) - min(times)), compile_s=compile_s if compiled else 0.0))
-            print(json.dumps(cells[-1]), file=sys.stderr, flush=True)
+        for dtype in dtypes:
+            model = model.to(device=device, dtype=getattr(torch, dtype))
+            fn = model if not compiled else torch.compile(model)
+            for batch in batches:
+                args = [a.to(device, getattr(torch, dtype)) if a.is_floating_point() else a.to(device)
+                        for a in to_torch(bench_inputs(name, batch))]
+                if len(args) == 2:
+                    forward = lambda: fn(inputs=args[0], attention_mask=args[1])  # noqa: E731
+                elif "Resampler" in type(model).__name__:
+                    forward = lambda: fn(*args)  # noqa: E731
+                else:
+                    forward = lambda: fn(inputs=args[0])  # noqa: E731
+                call = (lambda: (forward(), torch.cuda.synchronize())) if accelerated else forward  # noqa: E731
+                with torch.no_grad():
+                    compile_s = _timed(call)
+                    times = [_timed(call) for _ in range(repeats)]
+                median = statistics.median(times)
+                mode = ("torch.compile" if compiled else "eager") + ("" if dtype == "float32" else f" {dtype}")
+                cells.append(dict(preset=name, peer=type(model).__module__.split(".")[0] + "." + type(model).__name__,
+                                  mode=mode, dtype=dtype, batch=batch, median_ms=1000 * median,
+                                  spread_ms=1000 * (max(times) - min(times)), compile_s=compile_s if compiled else 0.0,
+                                  peak_gflops=(peaks or {}).get(dtype)))
+                print(json.dumps(cells[-1]), file=sys.stderr, flush=True)
+        del model
     return cells
 
 

@@ -82,6 +82,7 @@ def main(argv=None):
     bench.add_argument("--no-peers", action="store_true", help="skip the PyTorch originals")
     bench.add_argument("--batch", type=_batches, default=[1], help="comma-separated batch sizes, e.g. 1,8")
     bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--dtypes", default="float32", help="precisions of ours and the peers: float32 and / or bfloat16, comma-separated")
     bench.add_argument("--out", default="bench.json")
 
     bench_report = commands.add_parser("bench-report", help="merge bench JSON files into a Markdown matrix and a PNG")
@@ -168,8 +169,11 @@ def main(argv=None):
                  or (":" in t and t.split(":")[1] not in QUANTIZE.get(t.split(":")[0], ()))]
         if wrong:
             parser.error(f"--targets: expected target[:quantize] among {sorted(QUANTIZE)} / saved_model, tflite, onnx, openvino; received {','.join(wrong)}")
+        dtypes = [d for d in args.dtypes.split(",") if d]
+        if not dtypes or set(dtypes) - {"float32", "bfloat16"}:
+            parser.error(f"--dtypes: expected one or more of float32,bfloat16; received {args.dtypes!r}")
         bench_module.run(presets, backends, args.batch, args.repeats, [m for m in args.modes.split(",") if m], args.out,
-                         peers=not args.no_peers, targets=targets)
+                         peers=not args.no_peers, targets=targets, dtypes=dtypes)
         print(bench_module.report([args.out]))
         return 0
     if args.command == "bench-scale":
