@@ -429,10 +429,10 @@ def _cell(preset, backend, mode, batch, times, compile_s, flops, peak, **extra):
     return cell
 
 
-def run_artefacts(presets, targets, batches, repeats, peak, bfloat16_peak=None):
+def run_artefacts(presets, targets, batches, repeats, peaks):
     """Cells for exported artefacts: each bench model exported to each `target[:quantize]`
-    (verified against Keras on the way), then timed in its runtime on the bench inputs.
-    bfloat16 artefacts are measured against `bfloat16_peak` where there is one."""
+    (verified against Keras on the way), then timed in its runtime (on the CPU) on the bench
+    inputs; bfloat16 artefacts are measured against `peaks["bfloat16"]`, the others `peaks["float32"]`."""
     from keras_perceiver.converters.artefacts import SUFFIXES, _runner, export
 
     cells = []
@@ -451,7 +451,7 @@ def run_artefacts(presets, targets, batches, repeats, peak, bfloat16_peak=None):
                     inputs = bench_inputs(name, batch)
                     run = _runner(target, str(path), quantize or None)
                     mode = target + (f" {quantize}" if quantize else "")
-                    cell_peak = bfloat16_peak if quantize == "bfloat16" and bfloat16_peak else peak
+                    cell_peak = peaks["bfloat16" if quantize == "bfloat16" else "float32"]
                     cells.append(_cell(name, "artefact", mode, batch, timed_runs(lambda: run(inputs), repeats), export_s,
                                        flops[batch], cell_peak, max_rel_error=report.max_rel_error))
         del model, source
@@ -466,11 +466,12 @@ def main_worker(job):
     cpu_peak = max(job["gemm_peaks"].values())
     # each cell is measured against the peak of the unit and precision it runs in
     # (a CPU without bfloat16 units computes bfloat16 products fastest through float32)
-    peaks = dict(job["accelerator_peaks"]) if accelerated else {"float32": cpu_peak, "bfloat16": max(job.get("bfloat16_peak") or 0, cpu_peak)}
+    cpu_peaks = {"float32": cpu_peak, "bfloat16": max(job.get("bfloat16_peak") or 0, cpu_peak)}
+    peaks = dict(job["accelerator_peaks"]) if accelerated else cpu_peaks
     dtypes = job.get("dtypes", ["float32"])
     cells = run_cells(job["presets"], job["batches"], job["repeats"], job["modes"], peaks, dtypes, accelerated) if job["modes"] else []
     if job.get("targets"):
-        cells += run_artefacts(job["presets"], job["targets"], job["batches"], job["repeats"], cpu_peak, job.get("bfloat16_peak"))
+        cells += run_artefacts(job["presets"], job["targets"], job["batches"], job["repeats"], cpu_peaks)
     peers = run_peers(job["presets"], job["batches"], job["repeats"], dtypes=dtypes, peaks=peaks, accelerated=accelerated) if job.get("peers") else []
     Path(job["out"]).write_text(
         json.dumps(
@@ -482,7 +483,8 @@ def main_worker(job):
                 "gemm_peak_gflops": peaks["float32"],
                 "gemm_peaks_gflops": job["gemm_peaks"],
                 "accelerator_gemm_peaks_gflops": job.get("accelerator_peaks") or {},
-                "bfloat16_gemm_peak_gflops": peaks["bfloat16"] if accelerated else job.get("bfloat16_peak"),
+                "bfloat16_gemm_peak_gflops": peaks["bfloat16"],
+                "torch_cpu_bfloat16_matmul_gflops": job.get("bfloat16_peak"),
                 "cells": cells,
                 "peers": peers,
             }
@@ -540,8 +542,8 @@ def _reduced(cell):
 def report(paths, markdown_out=None, plot_out=None):
     """Merge result files (several machines) into a Markdown matrix (and a PNG plot)."""
     lines = [
-        "| machine | preset | backend | mode | batch | median ms | spread ms | compile s | peak RSS MB | GFLOP | GFLOP/s | % of GEMM peak |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| machine | preset | backend | mode | batch | median ms | spread ms | compile s | peak RSS MB | peak device MB | GFLOP | GFLOP/s | % of GEMM peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = []
     for path in paths:
@@ -555,7 +557,8 @@ def report(paths, markdown_out=None, plot_out=None):
                 rows.append((machine, c))
                 lines.append(
                     f"| {machine} | {c['preset']} | {c['backend']} | {c['mode']} | {c['batch']} | {c['median_ms']:.1f} | "
-                    f"{c['spread_ms']:.1f} | {c['compile_s']:.1f} | {c['peak_rss_mb']:.0f} | {c['gflop']:.1f} | "
+                    f"{c['spread_ms']:.1f} | {c['compile_s']:.1f} | {c['peak_rss_mb']:.0f} | "
+                    f"{'%.0f' % c['peak_device_mb'] if c.get('peak_device_mb') else '-'} | {c['gflop']:.1f} | "
                     f"{c['achieved_gflops']:.1f} | {100 * c['fraction_of_peak']:.0f}% "
                     f"(peak {c.get('peak_gflops', run_['gemm_peak_gflops']):.0f}{' bf16' if 'bfloat16' in c['mode'] else ''}) |"
                 )
@@ -604,11 +607,15 @@ def report(paths, markdown_out=None, plot_out=None):
         import matplotlib.pyplot as plt
 
         labels = [f"{c['preset']} b{c['batch']}  {c['backend']} {c['mode']}" for _, c in rows]
+        machines = list(dict.fromkeys(machine for machine, _ in rows))  # one colour per machine
+        colours = [f"C{machines.index(machine) % 10}" for machine, _ in rows]
         fig, ax = plt.subplots(figsize=(9, 1 + 0.2 * len(rows)))  # one readable row per cell
-        ax.barh(range(len(rows)), [100 * c["fraction_of_peak"] for _, c in rows])
+        ax.barh(range(len(rows)), [100 * c["fraction_of_peak"] for _, c in rows], color=colours)
         ax.set_yticks(range(len(rows)), labels, fontsize=7)
         ax.invert_yaxis()
-        ax.set_xlabel("% of the run's measured float32 GEMM peak")
+        ax.set_xlabel("% of the run's measured GEMM peak in the cell's precision (float32; bfloat16 cells: bfloat16)")
+        handles = [plt.Rectangle((0, 0), 1, 1, color=f"C{i % 10}") for i in range(len(machines))]
+        ax.legend(handles, machines, fontsize=7, loc="lower right")
         fig.tight_layout()
         fig.savefig(plot_out, dpi=120)
     return table
