@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+DTYPES = ("float32", "bfloat16")  # precisions ours and the peers run in, in the order they run
+
 BENCH_INPUTS = {  # what one forward pass is fed, per preset (batch given separately)
     "perceiver_vision_fourier": {"image": (224, 224, 3)},
     "perceiver_vision_learned": {"image": (224, 224, 3)},
@@ -507,9 +509,12 @@ def run(presets, backends, batches=(1,), repeats=5, modes=("eager", "compiled"),
     merge into one JSON at `out`. The GEMM peaks (float32; bfloat16 for bfloat16 cells; the
     GPU's, where there is one) are measured here, once, before the runs. `dtypes`: the
     precisions ours and the peers run in, "float32" and / or "bfloat16"."""
-    unknown = sorted(set(dtypes) - {"float32", "bfloat16"})
+    unknown = sorted(set(dtypes) - set(DTYPES))
     if unknown or not dtypes:
         raise ValueError(f"bench: `dtypes` must be one or more of 'float32', 'bfloat16'; received {list(dtypes)!r}")
+    # float32 first, whatever the order asked: its output is what bfloat16 cells' errors are
+    # measured against, and the peers are cast to bfloat16 in place after it
+    dtypes = [d for d in DTYPES if d in dtypes]
     results = {"device": device_description(), "runs": []}
     peaks = gemm_peaks()
     accelerator_peaks = accelerator_gemm_peaks()
@@ -539,6 +544,12 @@ def _reduced(cell):
     return any(kind in cell["mode"] for kind in ("int8", "float16", "bfloat16"))
 
 
+def _machine(device):
+    """A run's machine as the report names it: CPU x threads, + accelerators."""
+    accelerators = f" + {', '.join(device['accelerators'])}" if device["accelerators"] else ""
+    return f"{device['cpu']} x{device['threads']}{accelerators}"
+
+
 def report(paths, markdown_out=None, plot_out=None):
     """Merge result files (several machines) into a Markdown matrix (and a PNG plot)."""
     lines = [
@@ -546,13 +557,14 @@ def report(paths, markdown_out=None, plot_out=None):
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = []
+    results = []
     for path in paths:
         data = json.loads(Path(path).read_text())
         if not isinstance(data, dict) or "runs" not in data:
             raise ValueError(f"bench-report: expected result files of `keras-perceiver bench`; received {str(path)!r}")
+        results.append(data)
         for run_ in data["runs"]:
-            device = run_["device"]
-            machine = f"{device['cpu']} x{device['threads']}" + (f" + {', '.join(device['accelerators'])}" if device["accelerators"] else "")
+            machine = _machine(run_["device"])
             for c in run_["cells"]:
                 rows.append((machine, c))
                 lines.append(
@@ -568,12 +580,10 @@ def report(paths, markdown_out=None, plot_out=None):
         "| peer time / our time | our best reduced precision | its ms | peer time / its time | its error / output range |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for path in paths:
-        data = json.loads(Path(path).read_text())
+    for data in results:
         ours = [c for run_ in data["runs"] for c in run_["cells"]]
         for run_ in data["runs"]:
-            device = run_["device"]
-            machine = f"{device['cpu']} x{device['threads']}" + (f" + {', '.join(device['accelerators'])}" if device["accelerators"] else "")
+            machine = _machine(run_["device"])
             for p in run_.get("peers", []):
                 # a bfloat16 peer is compared with our bfloat16 cells, a float32 one with our float32
                 # cells and, in the reduced-precision columns, with our fastest reduced-precision cell
@@ -584,12 +594,11 @@ def report(paths, markdown_out=None, plot_out=None):
                 best = min(matching, key=lambda c: c["median_ms"])
                 peer_fraction = best["gflop"] / (p["median_ms"] / 1000) / (p.get("peak_gflops") or run_["gemm_peak_gflops"])
                 reduced = None if _reduced(p) else min([c for c in same if _reduced(c)], key=lambda c: c["median_ms"], default=None)
-                reduced_cells = (
-                    f"{reduced['mode']} | {reduced['median_ms']:.1f} | {p['median_ms'] / reduced['median_ms']:.2f}x | "
-                    f"{reduced['max_rel_error']:.1e}" if reduced and "max_rel_error" in reduced else
-                    f"{reduced['mode']} | {reduced['median_ms']:.1f} | {p['median_ms'] / reduced['median_ms']:.2f}x | -" if reduced
-                    else "- | - | - | -"
-                )
+                reduced_cells = "- | - | - | -"
+                if reduced:
+                    error = f"{reduced['max_rel_error']:.1e}" if "max_rel_error" in reduced else "-"
+                    reduced_cells = (f"{reduced['mode']} | {reduced['median_ms']:.1f} | "
+                                     f"{p['median_ms'] / reduced['median_ms']:.2f}x | {error}")
                 peer_lines.append(
                     f"| {machine} | {p['preset']} | {p['batch']} | {p['peer']} | {p['mode']} | {p['median_ms']:.1f} | "
                     f"{100 * peer_fraction:.0f}% | {best['backend']} {best['mode']} | {best['median_ms']:.1f} | "

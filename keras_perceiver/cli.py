@@ -170,7 +170,7 @@ def main(argv=None):
         if wrong:
             parser.error(f"--targets: expected target[:quantize] among {sorted(QUANTIZE)} / saved_model, tflite, onnx, openvino; received {','.join(wrong)}")
         dtypes = [d for d in args.dtypes.split(",") if d]
-        if not dtypes or set(dtypes) - {"float32", "bfloat16"}:
+        if not dtypes or set(dtypes) - set(bench_module.DTYPES):
             parser.error(f"--dtypes: expected one or more of float32,bfloat16; received {args.dtypes!r}")
         bench_module.run(presets, backends, args.batch, args.repeats, [m for m in args.modes.split(",") if m], args.out,
                          peers=not args.no_peers, targets=targets, dtypes=dtypes)
