@@ -86,7 +86,9 @@ def export(
     `target` at `path`, verify it in its runtime, and return an ExportReport.
 
     input_shapes: optional {input name: lengths} for the variable axes, e.g.
-    {"length": 24}; dynamic: also check a second, different size where axes are variable;
+    {"length": 24}; dynamic: keep the variable axes open in the ONNX and CoreML files (traced
+    static otherwise; the SavedModel-based targets always keep them) and check a second,
+    different size;
     quantize: None, or one of QUANTIZE[target]; the artefact's error relative to the output
     range must then stay within the preset's documented bound (`quantized_error_bound`). An existing `path` is replaced only with `overwrite=True`.
     """
@@ -436,7 +438,9 @@ def worker(job):
                     else "this CPU has no bf16: OpenVINO ran it in f32"
                 )
         checked, abs_err, rel_err, latency = [], 0.0, 0.0, float("nan")
-        dynamic = target != "coreml" or converted[1]
+        # What the file is: the torch.export routes (ONNX, CoreML) are traced static unless
+        # job["dynamic"]; the SavedModel-based routes always keep the model's open axes.
+        dynamic = converted[1] if target == "coreml" else job["dynamic"] if target == "onnx" else True
         if job["verify"]:
             if target == "coreml":
                 # Off macOS the CoreML runtime is missing: check the program that was converted.

@@ -145,12 +145,15 @@ def attention(
 def _per_head_matmul(x, kernels):
     """(B, T, H, a) x (H, a, b) -> (B, T, H, b), as a matmul with equal batch axes (H):
     TensorFlow's oneDNN batch matmul broadcasting a rank-3 operand against a rank-4 one gave
-    wrong values and segfaulted (TF 2.21)."""
+    wrong values and segfaulted (TF 2.21). The rows are merged before the transpose, not after:
+    onnxscript's optimizer (0.7.2, run by torch.onnx.export) drops a Reshape -> MatMul ->
+    Reshape chain whenever the shapes broadcast, which re-pairs the kernels with the batch axis
+    when a static B * T equals H (a static ONNX export of the resampler was wrong by 0.1)."""
     shape = ops.shape(x)
     heads, width = kernels.shape[0], kernels.shape[-1]
-    rows = ops.reshape(ops.transpose(x, (2, 0, 1, 3)), (heads, -1, x.shape[-1]))  # (H, B * T, a)
-    out = ops.reshape(ops.matmul(rows, kernels), (heads, shape[0], shape[1], width))
-    return ops.transpose(out, (1, 2, 0, 3))
+    rows = ops.transpose(ops.reshape(x, (-1, heads, x.shape[-1])), (1, 0, 2))  # (H, B * T, a)
+    out = ops.transpose(ops.matmul(rows, kernels), (1, 0, 2))  # (B * T, H, b)
+    return ops.reshape(out, (shape[0], shape[1], heads, width))
 
 
 def projections_on_query_side(num_queries, num_heads, context_channels, qk_channels, v_channels):
