@@ -85,15 +85,25 @@ def export(
     """Convert `model_or_preset` (a keras_perceiver model, a preset name or directory) to
     `target` at `path`, verify it in its runtime, and return an ExportReport.
 
-    input_shapes: optional {input name: lengths} for the variable axes, e.g.
-    {"length": 24}; dynamic: keep the variable axes open in the ONNX and CoreML files (traced
-    static otherwise; the SavedModel-based targets always keep them) and check a second,
-    different size;
+    input_shapes: optional {input name: full shape, batch first} of the example inputs the
+    artefact is traced and checked with, e.g. {"media": (1, 2, 1, 32, 128)} (default: batch 2,
+    variable lengths 24); dynamic: keep the variable axes open in the ONNX and CoreML files
+    (False: traced static at those shapes; the SavedModel-based targets always keep them) and
+    check a second, different size;
     quantize: None, or one of QUANTIZE[target]; the artefact's error relative to the output
     range must then stay within the preset's documented bound (`quantized_error_bound`). An existing `path` is replaced only with `overwrite=True`.
     """
     if target not in ROUTES:
         raise ValueError(f"export: `target` must be one of {list(ROUTES)}; received {target!r}")
+    if input_shapes is not None and not (
+        isinstance(input_shapes, dict)
+        and all(isinstance(shape, (tuple, list)) and all(isinstance(d, int) and d > 0 for d in shape)
+                for shape in input_shapes.values())
+    ):
+        raise ValueError(
+            "export: `input_shapes` must be a dict {input name: shape of positive ints}, e.g. "
+            f"{{'media': (1, 2, 1, 32, 128)}}; received {input_shapes!r}"
+        )
     if quantize is not None and quantize not in QUANTIZE.get(target, ()):
         raise ValueError(
             f"export: `quantize` for {target!r} must be one of {list(QUANTIZE.get(target, ()))} or None; "
@@ -113,7 +123,7 @@ def export(
             model_or_preset.save(model_file)
             source = {"keras_file": str(model_file)}
         job = dict(
-            source, target=target, out=str(work / ("artefact" + SUFFIXES[target])), length=(input_shapes or {}).get("length"),
+            source, target=target, out=str(work / ("artefact" + SUFFIXES[target])), shapes=input_shapes,
             dynamic=dynamic, quantize=quantize, verify=verify, report=str(work / "report.json"),
             error_bound=quantized_error_bound(model_or_preset, quantize) if quantize else FLOAT32_TOLERANCE,
         )
@@ -152,14 +162,20 @@ def _load(job):
 
 
 def _sizes(model, job):
-    """Two input sets: the main one, and a different batch / variable length."""
+    """Two input sets: the main one (at `input_shapes` when given), and a different batch /
+    variable length."""
     from keras_perceiver.examples import example_inputs
 
-    first = example_inputs(model, batch=2, length=job["length"] or 24, seed=1)
+    shapes = job["shapes"] or {}
+    for name, shape in shapes.items():
+        if name not in model.named_inputs:
+            raise ValueError(f"export: `input_shapes` names inputs among {list(model.named_inputs)}; received {name!r}")
+        declared = tuple(model.named_inputs[name].shape)
+        if len(shape) != len(declared) or any(d is not None and d != s for d, s in zip(declared[1:], shape[1:])):
+            raise ValueError(f"export: `input_shapes`[{name!r}] must fit the input's shape {declared}; received {tuple(shape)}")
+    first = example_inputs(model, batch=2, length=24, seed=1, shapes=shapes)
     variable = any(d is None for t in model.inputs for d in t.shape[1:])
-    second = example_inputs(model, batch=1, length=(job["length"] or 24) + 7, seed=2) if variable else None
-    if second is None:
-        second = example_inputs(model, batch=3, seed=2)
+    second = example_inputs(model, batch=1, length=31, seed=2) if variable else example_inputs(model, batch=3, seed=2)
     return [first, second] if job["dynamic"] else [first]
 
 

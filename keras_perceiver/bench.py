@@ -431,10 +431,16 @@ def _cell(preset, backend, mode, batch, times, compile_s, flops, peak, **extra):
     return cell
 
 
+# A bench target option that is not a quantization: the file traced at the bench inputs'
+# shapes, every axis fixed (ONNX: the torch.export route; no shape arithmetic left in the graph).
+STATIC = "static"
+
+
 def run_artefacts(presets, targets, batches, repeats, peaks):
-    """Cells for exported artefacts: each bench model exported to each `target[:quantize]`
-    (verified against Keras on the way), then timed in its runtime (on the CPU) on the bench
-    inputs; bfloat16 artefacts are measured against `peaks["bfloat16"]`, the others `peaks["float32"]`."""
+    """Cells for exported artefacts: each bench model exported to each `target[:option]`
+    (option: a quantization, or "static" for a file per batch with every axis fixed; verified
+    against Keras on the way), then timed in its runtime (on the CPU) on the bench inputs;
+    bfloat16 artefacts are measured against `peaks["bfloat16"]`, the others `peaks["float32"]`."""
     from keras_perceiver.converters.artefacts import SUFFIXES, _runner, export
 
     cells = []
@@ -443,17 +449,22 @@ def run_artefacts(presets, targets, batches, repeats, peaks):
         flops = {batch: forward_flops(model, bench_inputs(name, batch)) for batch in batches}
         source = model if name in SMALL_PEERS else name  # a preset exports from its own files
         for spec in targets:
-            target, _, quantize = spec.partition(":")
+            target, _, option = spec.partition(":")
+            static = option == STATIC
+            quantize = None if static or not option else option
+            mode = target + (f" {option}" if option else "")
+            cell_peak = peaks["bfloat16" if quantize == "bfloat16" else "float32"]
             with tempfile.TemporaryDirectory() as work:
-                path = Path(work) / (name + SUFFIXES[target])
-                start = time.perf_counter()
-                report = export(source, target, path, quantize=quantize or None)
-                export_s = time.perf_counter() - start
+                report = export_s = None
                 for batch in batches:
                     inputs = bench_inputs(name, batch)
-                    run = _runner(target, str(path), quantize or None)
-                    mode = target + (f" {quantize}" if quantize else "")
-                    cell_peak = peaks["bfloat16" if quantize == "bfloat16" else "float32"]
+                    path = Path(work) / f"{name}_{batch if static else 'any'}{SUFFIXES[target]}"
+                    if static or report is None:
+                        start = time.perf_counter()
+                        shapes = {n: v.shape for n, v in inputs.items()} if static else None
+                        report = export(source, target, path, input_shapes=shapes, dynamic=not static, quantize=quantize)
+                        export_s = time.perf_counter() - start
+                    run = _runner(target, str(path), quantize)
                     cells.append(_cell(name, "artefact", mode, batch, timed_runs(lambda: run(inputs), repeats), export_s,
                                        flops[batch], cell_peak, max_rel_error=report.max_rel_error))
         del model, source

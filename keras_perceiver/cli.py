@@ -77,7 +77,8 @@ def main(argv=None):
     bench.add_argument("--modes", default="eager,compiled", help="'' for none (artefacts only)")
     bench.add_argument(
         "--targets", default="",
-        help="exported artefacts to time too, target[:quantize], e.g. onnx,onnx:dynamic_int8,openvino,openvino:bfloat16,tflite",
+        help="exported artefacts to time too, target[:quantize or static], e.g. onnx,onnx:static,onnx:dynamic_int8,openvino:bfloat16,tflite "
+        "(onnx:static: one file per batch size, every axis fixed)",
     )
     bench.add_argument("--no-peers", action="store_true", help="skip the PyTorch originals")
     bench.add_argument("--batch", type=_batches, default=[1], help="comma-separated batch sizes, e.g. 1,8")
@@ -165,10 +166,10 @@ def main(argv=None):
         targets = [t for t in args.targets.split(",") if t]
         from keras_perceiver.converters.artefacts import QUANTIZE, ROUTES
 
-        wrong = [t for t in targets if t.split(":")[0] not in ROUTES or t.split(":")[0] == "coreml"
-                 or (":" in t and t.split(":")[1] not in QUANTIZE.get(t.split(":")[0], ()))]
+        options = {**{t: list(QUANTIZE.get(t, ())) for t in ROUTES if t != "coreml"}, "onnx": [*QUANTIZE["onnx"], bench_module.STATIC]}
+        wrong = [t for t in targets if t.split(":")[0] not in options or (":" in t and t.split(":")[1] not in options[t.split(":")[0]])]
         if wrong:
-            parser.error(f"--targets: expected target[:quantize] among {sorted(QUANTIZE)} / saved_model, tflite, onnx, openvino; received {','.join(wrong)}")
+            parser.error(f"--targets: expected target[:option] with options {options}; received {','.join(wrong)}")
         dtypes = [d for d in args.dtypes.split(",") if d]
         if not dtypes or set(dtypes) - set(bench_module.DTYPES):
             parser.error(f"--dtypes: expected one or more of float32,bfloat16; received {args.dtypes!r}")

@@ -84,19 +84,21 @@ def build_small(name, **overrides):
     return model_class({**config, **overrides})
 
 
-def example_inputs(model, batch=2, length=None, seed=0):
+def example_inputs(model, batch=2, length=None, seed=0, shapes=None):
     """Random inputs for every named input of `model`.
 
-    Variable axes get `length` (default 24); masks are True except for the last quarter of
-    each sequence in the second example; token ids are valid ids.
+    Variable axes get `length` (default 24); `shapes` ({input name: full shape}) overrides
+    any input's shape (a mask not named follows its data). Masks are True except for the last
+    quarter of each sequence in the last example; token ids are valid ids.
     """
     rng = np.random.default_rng(seed)
-    shapes = {}
+    given, shapes = shapes or {}, {}
     for name, tensor in model.named_inputs.items():
         dims = [batch] + [d if d is not None else (length or 24) for d in tensor.shape[1:]]
         shapes[name] = dims
     if "media" in shapes:
         shapes["media"][1:4] = [2, 2, length or 12]  # T, F, V
+    shapes.update({name: list(shape) for name, shape in given.items()})
     result = {}
     for name, dims in shapes.items():
         if name.endswith("_output_points"):
@@ -106,9 +108,9 @@ def example_inputs(model, batch=2, length=None, seed=0):
             result[name] = rng.integers(0, vocab, size=dims).astype("int32")
         elif name.endswith("_mask"):
             data_name = "media" if name == "media_mask" else next(n for n in shapes if not n.endswith("_mask"))
-            mask_dims = shapes[data_name][: len(dims)]
+            mask_dims = dims if name in given else shapes[data_name][: len(dims)]
             mask = np.ones(mask_dims, dtype=bool)
-            flat = mask.reshape(batch, -1)
+            flat = mask.reshape(mask_dims[0], -1)
             flat[-1, -(flat.shape[1] // 4) :] = False
             result[name] = flat.reshape(mask_dims)
         else:

@@ -98,10 +98,11 @@ def test_bfloat16_artefacts_are_measured_against_the_bfloat16_peak(tmp_path):
     pytest.importorskip("openvino", reason="needs the export extra (openvino)")
     out = tmp_path / "bench.json"
     results = bench.run(["perceiver_digits"], ["tensorflow"], batches=[2], repeats=2, modes=[], out=out, peers=False,
-                        targets=["openvino", "openvino:bfloat16"])
+                        targets=["openvino", "openvino:bfloat16", "onnx:static"])
     run_ = results["runs"][0]
-    float32, bf16 = run_["cells"]
-    assert (float32["mode"], bf16["mode"]) == ("openvino", "openvino bfloat16")
+    float32, bf16, static = run_["cells"]
+    assert (float32["mode"], bf16["mode"], static["mode"]) == ("openvino", "openvino bfloat16", "onnx static")
+    assert static["batch"] == 2 and static["max_rel_error"] < 1e-5 and static["peak_gflops"] == run_["gemm_peak_gflops"]
     assert float32["peak_gflops"] == run_["gemm_peak_gflops"] == max(run_["gemm_peaks_gflops"].values())
     # a CPU without bfloat16 units computes bfloat16 fastest through float32: the higher peak counts
     assert bf16["peak_gflops"] == run_["bfloat16_gemm_peak_gflops"] >= run_["gemm_peak_gflops"]

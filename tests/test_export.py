@@ -159,18 +159,22 @@ def test_onnx_graph_is_the_torch_export_graph(tmp_path):
 
 
 @once
-def test_static_onnx_export_where_media_items_equal_heads(tmp_path):
-    """Static shapes let onnxscript's optimizer drop Reshape -> MatMul -> Reshape chains; with
-    batch x media items equal to the heads one such drop re-paired the per-head products
-    (error 0.1). The export verifies the file in onnxruntime and raises on a wrong one."""
-    from keras_perceiver.examples import example_inputs
-
+def test_static_onnx_export_at_given_shapes(tmp_path):
+    """`input_shapes` + dynamic=False: every axis of the file fixed at the given shapes. Static
+    shapes let onnxscript's optimizer drop Reshape -> MatMul -> Reshape chains; with batch x
+    media items equal to the heads one such drop re-paired the per-head products (error 0.1;
+    the export's check in onnxruntime raised)."""
+    onnx = pytest.importorskip("onnx", reason="needs the export extra (onnx)")
     keras.utils.set_random_seed(0)
     model = build_small("perceiver_resampler")
-    batch, times = example_inputs(model)["media"].shape[:2]  # what a static export is traced with
-    assert batch * times == model.get_layer("resampler").config.num_heads
-    report = export(model, "onnx", tmp_path / "static.onnx", dynamic=False)
+    shape = (1, model.get_layer("resampler").config.num_heads, 1, 12, 64)  # batch x media items = heads
+    report = export(model, "onnx", tmp_path / "static.onnx", input_shapes={"media": shape}, dynamic=False)
     assert report.verified and not report.dynamic and report.max_abs_error <= 1e-4
+    assert report.checked_shapes == [{"media": list(shape)}]
+    (media,) = onnx.load(str(tmp_path / "static.onnx")).graph.input
+    assert tuple(d.dim_value for d in media.type.tensor_type.shape.dim) == shape
+    with pytest.raises(RuntimeError, match=r"`input_shapes`\['media'\] must fit the input's shape \(None, None, None, None, 64\); received \(1, 2, 12, 64\)"):
+        export(model, "onnx", tmp_path / "wrong.onnx", input_shapes={"media": (1, 2, 12, 64)}, dynamic=False)
 
 
 @once
@@ -191,6 +195,8 @@ def test_existing_path_is_not_overwritten(tmp_path):
 
 
 def test_bad_arguments_name_themselves():
+    with pytest.raises(ValueError, match=r"`input_shapes` must be a dict \{input name: shape of positive ints\}.*received \{'media': \(1, 0\)\}"):
+        export(build_small("perceiver"), "onnx", "x.onnx", input_shapes={"media": (1, 0)})
     with pytest.raises(ValueError, match=r"`target` must be one of .*received 'tensorrt'"):
         export(build_small("perceiver"), "tensorrt", "x")
     with pytest.raises(ValueError, match=r"`quantize` for 'openvino' must be one of \['bfloat16'\] or None; received 'dynamic_int8'"):

@@ -53,8 +53,10 @@ def test_model_accepts_every_rank():
 
 
 def test_interpolate_embeddings():
+    rows = np.random.default_rng(0).normal(size=(4, 2)).astype("float32")
+    np.testing.assert_array_equal(to_numpy(interpolate_embeddings(rows, 3)), rows[:3])  # the rows, exactly
+    np.testing.assert_array_equal(to_numpy(interpolate_embeddings(rows, 4)), rows)
     table = np.arange(8, dtype="float32").reshape(4, 2)
-    np.testing.assert_allclose(to_numpy(interpolate_embeddings(table, 3)), table[:3])
     stretched = to_numpy(interpolate_embeddings(table, 7))
     np.testing.assert_allclose(stretched, interpolate_rows(table.astype("float64"), 7), atol=1e-6)
     np.testing.assert_allclose(stretched[[0, -1]], table[[0, -1]])  # end points kept
