@@ -436,6 +436,16 @@ def _cell(preset, backend, mode, batch, times, compile_s, flops, peak, **extra):
 STATIC = "static"
 
 
+def artefact_options():
+    """{target: its `target:option` choices} for the bench: every target whose runtime runs
+    here (not CoreML, macOS only) with its quantizations, and "static" for ONNX."""
+    from keras_perceiver.converters.artefacts import QUANTIZE, ROUTES
+
+    options = {target: list(QUANTIZE.get(target, ())) for target in ROUTES if target != "coreml"}
+    options["onnx"].append(STATIC)
+    return options
+
+
 def run_artefacts(presets, targets, batches, repeats, peaks):
     """Cells for exported artefacts: each bench model exported to each `target[:option]`
     (option: a quantization, or "static" for a file per batch with every axis fixed; verified

@@ -164,10 +164,9 @@ def main(argv=None):
             parser.error(f"--presets: expected names among {','.join(bench_module.BENCH_INPUTS)}; received {','.join(unknown)}")
         backends = args.backends if isinstance(args.backends, list) else _backends(args.backends)
         targets = [t for t in args.targets.split(",") if t]
-        from keras_perceiver.converters.artefacts import QUANTIZE, ROUTES
-
-        options = {**{t: list(QUANTIZE.get(t, ())) for t in ROUTES if t != "coreml"}, "onnx": [*QUANTIZE["onnx"], bench_module.STATIC]}
-        wrong = [t for t in targets if t.split(":")[0] not in options or (":" in t and t.split(":")[1] not in options[t.split(":")[0]])]
+        options = bench_module.artefact_options()
+        wrong = [t for t in targets if t.partition(":")[0] not in options
+                 or (":" in t and t.partition(":")[2] not in options[t.partition(":")[0]])]
         if wrong:
             parser.error(f"--targets: expected target[:option] with options {options}; received {','.join(wrong)}")
         dtypes = [d for d in args.dtypes.split(",") if d]
