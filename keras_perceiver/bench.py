@@ -690,6 +690,17 @@ def peer_model(name):
     return model, lambda x: (torch.from_numpy(x["inputs"].transpose(0, 3, 1, 2).copy()),)
 
 
+def peer_call(fn, model, args):
+    """A no-argument call of the peer `model` (through `fn`: the model or its compiled form) on
+    the tensors `to_torch` made: (token ids, mask) for the language model, (media,) for the
+    resampler, (pixels,) for the image models."""
+    if len(args) == 2:
+        return lambda: fn(inputs=args[0], attention_mask=args[1])
+    if "Resampler" in type(model).__name__:
+        return lambda: fn(*args)
+    return lambda: fn(inputs=args[0])
+
+
 def run_peers(presets, batches, repeats, compiled=False, dtypes=("float32",), peaks=None, accelerated=False):
     """The PyTorch originals, per preset x dtype x batch, on the GPU when `accelerated`
     (inputs moved there first, each call timed to completion)."""
@@ -708,12 +719,7 @@ def run_peers(presets, batches, repeats, compiled=False, dtypes=("float32",), pe
             for batch in batches:
                 args = [a.to(device, getattr(torch, dtype)) if a.is_floating_point() else a.to(device)
                         for a in to_torch(bench_inputs(name, batch))]
-                if len(args) == 2:
-                    forward = lambda: fn(inputs=args[0], attention_mask=args[1])  # noqa: E731
-                elif "Resampler" in type(model).__name__:
-                    forward = lambda: fn(*args)  # noqa: E731
-                else:
-                    forward = lambda: fn(inputs=args[0])  # noqa: E731
+                forward = peer_call(fn, model, args)
                 call = (lambda: (forward(), torch.cuda.synchronize())) if accelerated else forward  # noqa: E731
                 with torch.no_grad():
                     compile_s = _timed(call)

@@ -29,6 +29,13 @@ def _batches(value):
     return sizes
 
 
+def _refuse_existing(parser, args, **paths):
+    """Result files are overwritten only when asked (--overwrite): each named output must be new."""
+    for flag, path in paths.items():
+        if path and os.path.exists(path) and not args.overwrite:
+            parser.error(f"--{flag}: expected a new path, or --overwrite to replace it; received existing {path}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="keras-perceiver", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -85,17 +92,28 @@ def main(argv=None):
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--dtypes", default="float32", help="precisions of ours and the peers: float32 and / or bfloat16, comma-separated")
     bench.add_argument("--out", default="bench.json")
+    bench.add_argument("--overwrite", action="store_true", help="replace existing result files")
 
     bench_report = commands.add_parser("bench-report", help="merge bench JSON files into a Markdown matrix and a PNG")
     bench_report.add_argument("files", nargs="+")
     bench_report.add_argument("--markdown", default=None)
     bench_report.add_argument("--plot", default=None)
+    bench_report.add_argument("--overwrite", action="store_true", help="replace existing result files")
+
+    bound = commands.add_parser(
+        "bench-bound", help="the best %% of GEMM peak a preset's matrix products allow (PyTorch profiler; ours and the peer)")
+    bound.add_argument("--presets", default="perceiver_digits", help="comma-separated preset names")
+    bound.add_argument("--batch", type=_batches, default=[1], help="comma-separated batch sizes, e.g. 1,4")
+    bound.add_argument("--repeats", type=int, default=5)
+    bound.add_argument("--json", default=None, help="write the rows here too")
+    bound.add_argument("--overwrite", action="store_true", help="replace existing result files")
 
     scale = commands.add_parser("bench-scale", help="time and peak memory against the input length M")
     scale.add_argument("--lengths", default="1000,10000,100000,1000000")
     scale.add_argument("--backend", default="jax", choices=["jax", "tensorflow", "torch"])
     scale.add_argument("--plot", default=None)
     scale.add_argument("--json", default=None)
+    scale.add_argument("--overwrite", action="store_true", help="replace existing result files")
 
     worker = commands.add_parser("demo-worker", help=argparse.SUPPRESS)
     worker.add_argument("workdir")
@@ -172,15 +190,30 @@ def main(argv=None):
         dtypes = [d for d in args.dtypes.split(",") if d]
         if not dtypes or set(dtypes) - set(bench_module.DTYPES):
             parser.error(f"--dtypes: expected one or more of float32,bfloat16; received {args.dtypes!r}")
+        _refuse_existing(parser, args, out=args.out)
         bench_module.run(presets, backends, args.batch, args.repeats, [m for m in args.modes.split(",") if m], args.out,
                          peers=not args.no_peers, targets=targets, dtypes=dtypes)
         print(bench_module.report([args.out]))
+        return 0
+    if args.command == "bench-bound":
+        from keras_perceiver import bench as bench_module
+        from keras_perceiver import gemm_bound
+
+        presets = [p for p in args.presets.split(",") if p]
+        unknown = [p for p in presets if p not in bench_module.BENCH_INPUTS]
+        if unknown or not presets:
+            parser.error(f"--presets: expected names among {','.join(bench_module.BENCH_INPUTS)}; received {args.presets!r}")
+        if args.repeats < 1:
+            parser.error(f"--repeats: expected a positive integer; received {args.repeats}")
+        _refuse_existing(parser, args, json=args.json)
+        print(gemm_bound.table(gemm_bound.run(presets, args.batch, args.repeats, args.json)))
         return 0
     if args.command == "bench-scale":
         import json
 
         from keras_perceiver import bench as bench_module
 
+        _refuse_existing(parser, args, json=args.json, plot=args.plot)
         rows = bench_module.scale([int(m) for m in args.lengths.split(",")], args.backend, plot_out=args.plot)
         if args.json:
             with open(args.json, "w") as handle:
@@ -196,6 +229,7 @@ def main(argv=None):
         missing = [f for f in args.files if not os.path.isfile(f)]
         if missing:
             parser.error(f"bench-report: expected existing result files; received missing {', '.join(missing)}")
+        _refuse_existing(parser, args, markdown=args.markdown, plot=args.plot)
         try:
             print(bench_module.report(args.files, args.markdown, args.plot))
         except ValueError as error:

@@ -51,3 +51,25 @@ def test_batch_sizes_are_parsed_and_checked():
     for bad in ("0", "", "2,-1"):
         with pytest.raises(argparse.ArgumentTypeError, match=f"received {bad!r}"):
             _batches(bad)
+
+
+def test_bench_commands_never_overwrite_a_result_file(tmp_path):
+    saved = tmp_path / "bench.json"
+    saved.write_text("{}")
+    commands = [
+        ["bench", "--presets", "perceiver_digits", "--out", str(saved)],
+        ["bench-bound", "--presets", "perceiver_digits", "--json", str(saved)],
+        ["bench-scale", "--lengths", "1000", "--json", str(saved)],
+        ["bench-report", str(saved), "--markdown", str(saved)],
+    ]
+    for command in commands:
+        done = subprocess.run([sys.executable, "-m", "keras_perceiver", *command], capture_output=True, text=True)
+        assert done.returncode == 2, (command, done.stderr[-2000:])
+        assert f"expected a new path, or --overwrite to replace it; received existing {saved}" in done.stderr
+        assert saved.read_text() == "{}"  # untouched
+
+
+def test_bench_bound_refuses_an_unknown_preset():
+    done = subprocess.run([sys.executable, "-m", "keras_perceiver", "bench-bound", "--presets", "gpt2"], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "--presets: expected names among" in done.stderr and "received 'gpt2'" in done.stderr

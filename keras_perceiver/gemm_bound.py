@@ -1,0 +1,188 @@
+"""`keras-perceiver bench-bound`: how close to the GEMM peak a forward pass could come if
+everything but its matrix products were free.
+
+One forward pass of ours (Keras on PyTorch, eager) and of the PyTorch original runs under
+`torch.profiler`; every matrix product it makes (`mm`, `addmm`, `bmm`, `baddbmm` and the two
+products inside the fused attention kernel) is then replayed alone, at its shapes, in PyTorch
+(MKL / oneDNN) and in NumPy (OpenBLAS). Analytic FLOPs / (summed product time x GEMM peak) is
+the best fraction of the peak any implementation built on those GEMM libraries can reach on
+that model: the gap between it and 100% is the GEMMs' own efficiency at the model's shapes,
+the gap between it and the measured fraction is everything else (norms, softmax, layouts).
+PyTorch-only by construction (its profiler records the shapes), so it runs in a torch process.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+FUSED_ATTENTION = "aten::_scaled_dot_product_flash_attention_for_cpu"
+PRODUCT_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", FUSED_ATTENTION)
+
+
+def products_of(op, shapes):
+    """The matrix products, as (batch, m, k, n), that one recorded call of `op` makes
+    (`shapes`: its tensor arguments' shapes, scalars dropped)."""
+    if op == "aten::mm":
+        (m, k), (_, n) = shapes[:2]
+        return [(1, m, k, n)]
+    if op == "aten::addmm":  # bias, mat1, mat2
+        (m, k), (_, n) = shapes[1:3]
+        return [(1, m, k, n)]
+    if op in ("aten::bmm", "aten::baddbmm"):  # baddbmm: the added tensor first
+        (b, m, k), (_, _, n) = shapes[:2] if op == "aten::bmm" else shapes[1:3]
+        return [(b, m, k, n)]
+    if op == FUSED_ATTENTION:  # query (..., L, E), key (..., S, E), value (..., S, Ev)
+        query, key, value = shapes[:3]
+        batch, length, width = int(np.prod(query[:-2])), query[-2], query[-1]
+        return [(batch, length, width, key[-2]), (batch, length, key[-2], value[-1])]
+    raise ValueError(f"products_of: `op` must be one of {PRODUCT_OPS}; received {op!r}")
+
+
+def recorded_products(forward):
+    """{(batch, m, k, n): calls} of the matrix products one call of `forward` makes (after a
+    warm-up call, so one-off set-up work is not counted)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        forward()
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
+            forward()
+    counts = Counter()
+    for event in profiler.events():
+        if event.name in PRODUCT_OPS:
+            for product in products_of(event.name, [tuple(s) for s in event.input_shapes if s]):
+                counts[product] += 1
+    return counts
+
+
+def product_seconds(product, library, repeats):
+    """Median time of one float32 (batch, m, k, n) product alone, in "torch" or "numpy"."""
+    batch, m, k, n = product
+    rng = np.random.default_rng(0)
+    a = rng.random((batch, m, k), dtype=np.float32)
+    b = rng.random((batch, k, n), dtype=np.float32)
+    if batch == 1:  # a 2-D product, as mm / addmm make it
+        a, b = a[0], b[0]
+    if library == "torch":
+        import torch
+
+        a, b = torch.from_numpy(a), torch.from_numpy(b)
+        fn = (lambda: torch.mm(a, b)) if batch == 1 else (lambda: torch.bmm(a, b))  # noqa: E731
+    else:
+        fn = lambda: np.matmul(a, b)  # noqa: E731
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _forward_ms(forward, repeats):
+    import torch
+
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            forward()
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def bound_row(preset, batch, implementation, forward, flops, peak, repeats):
+    """One implementation's forward pass against the bound of its own matrix products."""
+    counts = recorded_products(forward)
+    forward_ms = _forward_ms(forward, repeats)
+    seconds = {library: {p: product_seconds(p, library, repeats) for p in counts} for library in ("torch", "numpy")}
+    total = {library: sum(n * seconds[library][p] for p, n in counts.items()) for library in seconds}
+    best = sum(n * min(seconds["torch"][p], seconds["numpy"][p]) for p, n in counts.items())
+    recorded = sum(2 * n * b * m * k * q for (b, m, k, q), n in counts.items())
+    row = dict(
+        preset=preset, batch=batch, implementation=implementation, forward_ms=forward_ms, products=sum(counts.values()),
+        recorded_gflop=recorded / 1e9, analytic_gflop=flops / 1e9, product_ms_torch=1000 * total["torch"],
+        product_ms_numpy=1000 * total["numpy"], product_ms_best=1000 * best, peak_gflops=peak,
+        achieved_fraction=flops / (forward_ms / 1000) / 1e9 / peak,
+        bound_fraction_torch=flops / total["torch"] / 1e9 / peak, bound_fraction_best=flops / best / 1e9 / peak,
+    )
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    return row
+
+
+def worker(job):
+    """In a torch process: ours and the peer, per preset x batch, against the float32 GEMM peak
+    measured here at the start (and again at the end, to show how far the machine drifted)."""
+    import keras
+
+    from keras_perceiver import bench
+    from keras_perceiver.examples import outputs_to_numpy
+
+    if keras.backend.backend() != "torch":
+        raise SystemExit(f"bench-bound: the worker needs KERAS_BACKEND=torch; received {keras.backend.backend()!r}")
+    peaks = bench.gemm_peaks()
+    peak = max(peaks.values())
+    rows = []
+    for name in job["presets"]:
+        model = bench.bench_model(name)
+        found = bench.peer_model(name)
+        for batch in job["batches"]:
+            inputs = bench.bench_inputs(name, batch)
+            flops = bench.forward_flops(model, inputs)
+            rows.append(bound_row(name, batch, "ours (Keras on torch, eager)", lambda: outputs_to_numpy(model(inputs)),
+                                  flops, peak, job["repeats"]))
+            if found is not None:
+                peer, to_torch = found
+                call = bench.peer_call(peer, peer, to_torch(inputs))
+                rows.append(bound_row(name, batch, type(peer).__module__.split(".")[0] + "." + type(peer).__name__, call,
+                                      flops, peak, job["repeats"]))
+        del model, found
+    result = dict(device=bench.device_description(), gemm_peaks_gflops=peaks, gemm_peaks_end_gflops=bench.gemm_peaks(), rows=rows)
+    Path(job["out"]).write_text(json.dumps(result, indent=1))
+
+
+def run(presets, batches=(1,), repeats=5, out=None):
+    """The bound rows of `presets` x `batches`, in a fresh torch process; written to `out` when given."""
+    with tempfile.TemporaryDirectory() as work:
+        job = dict(presets=list(presets), batches=list(batches), repeats=repeats, out=os.path.join(work, "r.json"))
+        env = dict(os.environ, KERAS_BACKEND="torch", TF_CPP_MIN_LOG_LEVEL="3")
+        done = subprocess.run([sys.executable, "-m", "keras_perceiver.gemm_bound", json.dumps(job)], env=env)
+        if done.returncode:
+            raise SystemExit(f"bench-bound: the torch run failed (exit {done.returncode})")
+        result = json.loads(Path(job["out"]).read_text())
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def table(result):
+    """Markdown: per preset x batch x implementation, the measured and the bounding fractions."""
+    peaks = ", ".join(f"{k} {v:.0f}" for k, v in result["gemm_peaks_gflops"].items())
+    lines = [
+        f"{result['device']['cpu']} x{result['device']['threads']}; float32 GEMM peak at start {peaks}, at end "
+        + ", ".join(f"{k} {v:.0f}" for k, v in result["gemm_peaks_end_gflops"].items()) + " GFLOP/s",
+        "",
+        "| preset | batch | implementation | forward ms | % of peak | products | GFLOP (recorded / analytic) | products alone ms: torch / numpy / best | bound: torch GEMMs | bound: best GEMMs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['preset']} | {r['batch']} | {r['implementation']} | {r['forward_ms']:.0f} | {r['achieved_fraction']:.0%} | "
+            f"{r['products']} | {r['recorded_gflop']:.3g} / {r['analytic_gflop']:.3g} | "
+            f"{r['product_ms_torch']:.0f} / {r['product_ms_numpy']:.0f} / {r['product_ms_best']:.0f} | "
+            f"{r['bound_fraction_torch']:.0%} | {r['bound_fraction_best']:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    worker(json.loads(sys.argv[1]))
