@@ -47,25 +47,31 @@ def products_of(op, shapes):
 
 
 def recorded_products(forward):
-    """{(batch, m, k, n): calls} of the matrix products one call of `forward` makes (after a
-    warm-up call, so one-off set-up work is not counted)."""
+    """({(batch, m, k, n): calls} of the matrix products one call of `forward` makes, the ms
+    those calls took inside it, the ms the whole profiled call took), after a warm-up call
+    (so one-off set-up work is not counted)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     with torch.no_grad():
         forward()
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
+            start = time.perf_counter()
             forward()
+            forward_ms = 1000 * (time.perf_counter() - start)
     counts = Counter()
+    inside_ms = 0.0
     for event in profiler.events():
         if event.name in PRODUCT_OPS:
+            inside_ms += event.cpu_time_total / 1000
             for product in products_of(event.name, [tuple(s) for s in event.input_shapes if s]):
                 counts[product] += 1
-    return counts
+    return counts, inside_ms, forward_ms
 
 
 def product_seconds(product, library, repeats):
-    """Median time of one float32 (batch, m, k, n) product alone, in "torch" or "numpy"."""
+    """Best time of one float32 (batch, m, k, n) product alone, in "torch" or "numpy" (best of
+    `repeats`, as the GEMM peak is: both then read the machine at its least disturbed)."""
     batch, m, k, n = product
     rng = np.random.default_rng(0)
     a = rng.random((batch, m, k), dtype=np.float32)
@@ -85,7 +91,7 @@ def product_seconds(product, library, repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def _forward_ms(forward, repeats):
@@ -100,28 +106,42 @@ def _forward_ms(forward, repeats):
     return 1000 * statistics.median(times)
 
 
-def bound_row(preset, batch, implementation, forward, flops, peak, repeats):
-    """One implementation's forward pass against the bound of its own matrix products."""
-    counts = recorded_products(forward)
+def bound_row(preset, batch, implementation, forward, flops, repeats):
+    """One implementation's forward pass and the time of its own matrix products alone; the
+    fractions of the peak are filled in by `with_fractions` once the run's peak is known."""
+    counts, inside_ms, profiled_ms = recorded_products(forward)
     forward_ms = _forward_ms(forward, repeats)
-    seconds = {library: {p: product_seconds(p, library, repeats) for p in counts} for library in ("torch", "numpy")}
-    total = {library: sum(n * seconds[library][p] for p, n in counts.items()) for library in seconds}
-    best = sum(n * min(seconds["torch"][p], seconds["numpy"][p]) for p, n in counts.items())
+    ms = {p: {library: 1000 * product_seconds(p, library, repeats) for library in ("torch", "numpy")} for p in counts}
     recorded = sum(2 * n * b * m * k * q for (b, m, k, q), n in counts.items())
     row = dict(
         preset=preset, batch=batch, implementation=implementation, forward_ms=forward_ms, products=sum(counts.values()),
-        recorded_gflop=recorded / 1e9, analytic_gflop=flops / 1e9, product_ms_torch=1000 * total["torch"],
-        product_ms_numpy=1000 * total["numpy"], product_ms_best=1000 * best, peak_gflops=peak,
-        achieved_fraction=flops / (forward_ms / 1000) / 1e9 / peak,
-        bound_fraction_torch=flops / total["torch"] / 1e9 / peak, bound_fraction_best=flops / best / 1e9 / peak,
+        recorded_gflop=recorded / 1e9, analytic_gflop=flops / 1e9,
+        # the products' share of one profiled forward, both timed in the same call (so the
+        # machine's drift between measurements does not enter it)
+        products_share_of_forward=inside_ms / profiled_ms,
+        products_gflops_in_forward=recorded / 1e6 / inside_ms,
+        product_ms_torch=sum(n * ms[p]["torch"] for p, n in counts.items()),
+        product_ms_numpy=sum(n * ms[p]["numpy"] for p, n in counts.items()),
+        product_ms_best=sum(n * min(ms[p].values()) for p, n in counts.items()),
+        # slowest first: where the products' time goes
+        by_product=sorted(([list(p), n, ms[p]["torch"], ms[p]["numpy"]] for p, n in counts.items()), key=lambda r: -r[1] * r[2]),
     )
-    print(json.dumps(row), file=sys.stderr, flush=True)
+    print(json.dumps({k: v for k, v in row.items() if k != "by_product"}), file=sys.stderr, flush=True)
     return row
 
 
+def with_fractions(row, peak):
+    """`row` with its measured fraction of `peak` and the bounds its products set."""
+    gflop_per_ms = row["analytic_gflop"] / peak * 1000
+    return dict(row, peak_gflops=peak, achieved_fraction=gflop_per_ms / row["forward_ms"],
+                bound_fraction_torch=gflop_per_ms / row["product_ms_torch"], bound_fraction_best=gflop_per_ms / row["product_ms_best"])
+
+
 def worker(job):
-    """In a torch process: ours and the peer, per preset x batch, against the float32 GEMM peak
-    measured here at the start (and again at the end, to show how far the machine drifted)."""
+    """In a torch process: ours and the peer, per preset x batch. The float32 GEMM peak is
+    measured at the start, before each preset and at the end; the fractions use the highest
+    sample (this machine's GEMM rate drifts by up to 20% within minutes: the highest is the
+    closest to what the hardware can do, and never flatters a fraction)."""
     import keras
 
     from keras_perceiver import bench
@@ -129,24 +149,27 @@ def worker(job):
 
     if keras.backend.backend() != "torch":
         raise SystemExit(f"bench-bound: the worker needs KERAS_BACKEND=torch; received {keras.backend.backend()!r}")
-    peaks = bench.gemm_peaks()
-    peak = max(peaks.values())
+    samples = [bench.gemm_peaks()]
     rows = []
     for name in job["presets"]:
+        samples.append(bench.gemm_peaks())
         model = bench.bench_model(name)
         found = bench.peer_model(name)
         for batch in job["batches"]:
             inputs = bench.bench_inputs(name, batch)
             flops = bench.forward_flops(model, inputs)
             rows.append(bound_row(name, batch, "ours (Keras on torch, eager)", lambda: outputs_to_numpy(model(inputs)),
-                                  flops, peak, job["repeats"]))
+                                  flops, job["repeats"]))
             if found is not None:
                 peer, to_torch = found
                 call = bench.peer_call(peer, peer, to_torch(inputs))
                 rows.append(bound_row(name, batch, type(peer).__module__.split(".")[0] + "." + type(peer).__name__, call,
-                                      flops, peak, job["repeats"]))
+                                      flops, job["repeats"]))
         del model, found
-    result = dict(device=bench.device_description(), gemm_peaks_gflops=peaks, gemm_peaks_end_gflops=bench.gemm_peaks(), rows=rows)
+    samples.append(bench.gemm_peaks())
+    peak = max(max(s.values()) for s in samples)
+    result = dict(device=bench.device_description(), gemm_peak_gflops=peak, gemm_peak_samples_gflops=samples,
+                  rows=[with_fractions(row, peak) for row in rows])
     Path(job["out"]).write_text(json.dumps(result, indent=1))
 
 
@@ -166,18 +189,18 @@ def run(presets, batches=(1,), repeats=5, out=None):
 
 def table(result):
     """Markdown: per preset x batch x implementation, the measured and the bounding fractions."""
-    peaks = ", ".join(f"{k} {v:.0f}" for k, v in result["gemm_peaks_gflops"].items())
+    lowest = min(min(sample.values()) for sample in result["gemm_peak_samples_gflops"])
     lines = [
-        f"{result['device']['cpu']} x{result['device']['threads']}; float32 GEMM peak at start {peaks}, at end "
-        + ", ".join(f"{k} {v:.0f}" for k, v in result["gemm_peaks_end_gflops"].items()) + " GFLOP/s",
+        f"{result['device']['cpu']} x{result['device']['threads']}; float32 GEMM peak {result['gemm_peak_gflops']:.0f} GFLOP/s "
+        f"(highest of {len(result['gemm_peak_samples_gflops'])} samples taken through the run; lowest {lowest:.0f})",
         "",
-        "| preset | batch | implementation | forward ms | % of peak | products | GFLOP (recorded / analytic) | products alone ms: torch / numpy / best | bound: torch GEMMs | bound: best GEMMs |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| preset | batch | implementation | forward ms | % of peak | products | products' share of the forward | their GFLOP/s there | GFLOP (recorded / analytic) | products alone ms: torch / numpy / best | bound: torch GEMMs | bound: best GEMMs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['preset']} | {r['batch']} | {r['implementation']} | {r['forward_ms']:.0f} | {r['achieved_fraction']:.0%} | "
-            f"{r['products']} | {r['recorded_gflop']:.3g} / {r['analytic_gflop']:.3g} | "
+            f"{r['products']} | {r['products_share_of_forward']:.0%} | {r['products_gflops_in_forward']:.0f} | {r['recorded_gflop']:.3g} / {r['analytic_gflop']:.3g} | "
             f"{r['product_ms_torch']:.0f} / {r['product_ms_numpy']:.0f} / {r['product_ms_best']:.0f} | "
             f"{r['bound_fraction_torch']:.0%} | {r['bound_fraction_best']:.0%} |"
         )

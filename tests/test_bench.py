@@ -41,6 +41,10 @@ def test_bench_run_and_report(tmp_path):
     assert cell["backend"] == backend and cell["median_ms"] > 0 and cell["gflop"] > 0
     assert 0 < cell["fraction_of_peak"] < 2
     assert run_["gemm_peak_gflops"] > 1
+    # the peak is the highest of the samples taken at the run's start and this process's start and end
+    assert len(run_["gemm_peak_samples_gflops"]) == 3
+    assert run_["gemm_peak_gflops"] == max(max(sample.values()) for sample in run_["gemm_peak_samples_gflops"])
+    assert cell["fraction_of_peak"] == pytest.approx(cell["achieved_gflops"] / run_["gemm_peak_gflops"])
     assert json.loads(out.read_text())["runs"][0]["cells"] == run_["cells"]
     table = bench.report([out, out], markdown_out=tmp_path / "m.md", plot_out=tmp_path / "m.png")
     assert table.count("perceiver_digits") == 4  # two files merged, two cells each
@@ -146,3 +150,18 @@ def test_no_accelerator_peaks_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU; the check is for one without")
     assert bench.accelerator_gemm_peaks() == {}
+
+
+def test_a_higher_peak_sampled_later_re_measures_the_cells_against_it():
+    cpu_peaks = {"float32": 100.0, "bfloat16": 100.0}  # no bfloat16 units: bfloat16 through float32
+    float32 = dict(achieved_gflops=80.0, fraction_of_peak=0.8, peak_gflops=100.0)
+    peer = dict(peak_gflops=100.0)  # peers carry the peak only; the report computes their fraction
+    on_gpu = dict(achieved_gflops=500.0, fraction_of_peak=0.5, peak_gflops=1000.0)
+    raised = bench._raised_peaks([float32, peer, on_gpu], cpu_peaks, 125.0)
+    assert raised == {"float32": 125.0, "bfloat16": 125.0}
+    assert float32["fraction_of_peak"] == pytest.approx(0.64) and float32["peak_gflops"] == 125.0
+    assert peer == {"peak_gflops": 125.0}
+    assert on_gpu["fraction_of_peak"] == 0.5 and on_gpu["peak_gflops"] == 1000.0
+    # a lower sample changes nothing; a bfloat16 unit faster than the new float32 peak keeps its peak
+    assert bench._raised_peaks([float32], raised, 90.0) == raised and float32["fraction_of_peak"] == pytest.approx(0.64)
+    assert bench._raised_peaks([], {"float32": 100.0, "bfloat16": 400.0}, 125.0) == {"float32": 125.0, "bfloat16": 400.0}

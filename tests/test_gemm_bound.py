@@ -33,7 +33,8 @@ def test_the_profiler_records_every_matrix_product_of_ours_and_the_peers():
         else:
             # the peers project keys and values on the keys' side: the same products and more
             assert row["recorded_gflop"] >= 0.99 * row["analytic_gflop"], row
-        assert row["products"] > 0 and row["forward_ms"] > 0
+        assert row["products"] > 0 and row["forward_ms"] > 0 and 0 < row["products_share_of_forward"] < 1
+        assert len(row["by_product"]) <= row["products"]
         assert 0 < row["product_ms_best"] <= min(row["product_ms_torch"], row["product_ms_numpy"])
         assert 0 < row["achieved_fraction"] < row["bound_fraction_best"] < 2
     assert "| small_flamingo_resampler | 2 | ours (Keras on torch, eager) |" in gemm_bound.table(result)
