@@ -107,7 +107,8 @@ def test_bfloat16_artefacts_are_measured_against_the_bfloat16_peak(tmp_path):
     float32, bf16, static = run_["cells"]
     assert (float32["mode"], bf16["mode"], static["mode"]) == ("openvino", "openvino bfloat16", "onnx static")
     assert static["batch"] == 2 and static["max_rel_error"] < 1e-5 and static["peak_gflops"] == run_["gemm_peak_gflops"]
-    assert float32["peak_gflops"] == run_["gemm_peak_gflops"] == max(run_["gemm_peaks_gflops"].values())
+    # the highest of the samples (the run's start, this process's start and end), as for model cells
+    assert float32["peak_gflops"] == run_["gemm_peak_gflops"] == max(max(s.values()) for s in run_["gemm_peak_samples_gflops"])
     # a CPU without bfloat16 units computes bfloat16 fastest through float32: the higher peak counts
     assert bf16["peak_gflops"] == run_["bfloat16_gemm_peak_gflops"] >= run_["gemm_peak_gflops"]
     assert float32["max_rel_error"] < 1e-5 and bf16["max_rel_error"] <= 0.05
