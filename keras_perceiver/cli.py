@@ -29,6 +29,19 @@ def _batches(value):
     return sizes
 
 
+def _bench_presets(parser, value):
+    """The comma-separated bench names in `value`, each a preset or a bench-only small
+    configuration that the bench has inputs for."""
+    from keras_perceiver import bench
+    from keras_perceiver.presets import list_presets
+
+    presets = [p for p in value.split(",") if p]
+    unknown = [p for p in presets if p not in bench.BENCH_INPUTS or (p not in list_presets() and p not in bench.SMALL_PEERS)]
+    if unknown or not presets:
+        parser.error(f"--presets: expected names among {','.join(bench.BENCH_INPUTS)}; received {value!r}")
+    return presets
+
+
 def _refuse_existing(parser, args, **paths):
     """Result files are overwritten only when asked (--overwrite): each named output must be new."""
     for flag, path in paths.items():
@@ -174,12 +187,8 @@ def main(argv=None):
         return 0
     if args.command == "bench":
         from keras_perceiver import bench as bench_module
-        from keras_perceiver.presets import list_presets
 
-        presets = [p for p in args.presets.split(",") if p]
-        unknown = [p for p in presets if p not in bench_module.BENCH_INPUTS or (p not in list_presets() and p not in bench_module.SMALL_PEERS)]
-        if unknown:
-            parser.error(f"--presets: expected names among {','.join(bench_module.BENCH_INPUTS)}; received {','.join(unknown)}")
+        presets = _bench_presets(parser, args.presets)
         backends = args.backends if isinstance(args.backends, list) else _backends(args.backends)
         targets = [t for t in args.targets.split(",") if t]
         options = bench_module.artefact_options()
@@ -196,13 +205,9 @@ def main(argv=None):
         print(bench_module.report([args.out]))
         return 0
     if args.command == "bench-bound":
-        from keras_perceiver import bench as bench_module
         from keras_perceiver import gemm_bound
 
-        presets = [p for p in args.presets.split(",") if p]
-        unknown = [p for p in presets if p not in bench_module.BENCH_INPUTS]
-        if unknown or not presets:
-            parser.error(f"--presets: expected names among {','.join(bench_module.BENCH_INPUTS)}; received {args.presets!r}")
+        presets = _bench_presets(parser, args.presets)
         if args.repeats < 1:
             parser.error(f"--repeats: expected a positive integer; received {args.repeats}")
         _refuse_existing(parser, args, json=args.json)
