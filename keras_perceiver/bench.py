@@ -77,6 +77,11 @@ def gemm_peaks(size=2048, repeats=5):
     return peaks
 
 
+def highest_peak(samples):
+    """The highest GFLOP/s among `gemm_peaks` samples ([{library: GFLOP/s}, ...])."""
+    return max(max(sample.values()) for sample in samples)
+
+
 def bfloat16_gemm_peak(max_size=2048, repeats=5):
     """PyTorch's bfloat16 (size x size) matmul rate, GFLOP/s: the peak that bfloat16 cells are
     measured against (AMX / AVX512-BF16 CPUs run it in hardware). The size doubles from 256 to
@@ -487,7 +492,7 @@ def main_worker(job):
     found = accelerators()
     accelerated = bool(found and job.get("accelerator_peaks"))
     samples = [job["gemm_peaks"], gemm_peaks()]  # the run's start, this process's start (and its end, below)
-    cpu_peak = max(max(sample.values()) for sample in samples)
+    cpu_peak = highest_peak(samples)
     # each cell is measured against the peak of the unit and precision it runs in
     # (a CPU without bfloat16 units computes bfloat16 products fastest through float32)
     cpu_peaks = {"float32": cpu_peak, "bfloat16": max(job.get("bfloat16_peak") or 0, cpu_peak)}
@@ -500,7 +505,7 @@ def main_worker(job):
     samples.append(gemm_peaks())
     # a CPU's GEMM rate drifts (by up to 20% within minutes on the 2-core machines here): the
     # highest sample is the closest to what it can do, and a fraction of it never flatters a cell
-    cpu_peaks = _raised_peaks(cells + peers, cpu_peaks, max(max(sample.values()) for sample in samples))
+    cpu_peaks = _raised_peaks(cells + peers, cpu_peaks, highest_peak(samples))
     if not accelerated:
         peaks = cpu_peaks
     Path(job["out"]).write_text(

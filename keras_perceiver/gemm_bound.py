@@ -85,25 +85,19 @@ def product_seconds(product, library, repeats):
         fn = (lambda: torch.mm(a, b)) if batch == 1 else (lambda: torch.bmm(a, b))  # noqa: E731
     else:
         fn = lambda: np.matmul(a, b)  # noqa: E731
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    from keras_perceiver.bench import timed_runs
+
+    return min(timed_runs(fn, repeats))
 
 
 def _forward_ms(forward, repeats):
+    """Median of `repeats` calls (already warmed up by `recorded_products`)."""
     import torch
 
-    times = []
+    from keras_perceiver.bench import _timed
+
     with torch.no_grad():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            forward()
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        return 1000 * statistics.median([_timed(forward) for _ in range(repeats)])
 
 
 def bound_row(preset, batch, implementation, forward, flops, repeats):
@@ -139,7 +133,7 @@ def with_fractions(row, peak):
 
 def worker(job):
     """In a torch process: ours and the peer, per preset x batch. The float32 GEMM peak is
-    measured at the start, before each preset and at the end; the fractions use the highest
+    measured before each preset and at the end; the fractions use the highest
     sample (this machine's GEMM rate drifts by up to 20% within minutes: the highest is the
     closest to what the hardware can do, and never flatters a fraction)."""
     import keras
@@ -149,7 +143,7 @@ def worker(job):
 
     if keras.backend.backend() != "torch":
         raise SystemExit(f"bench-bound: the worker needs KERAS_BACKEND=torch; received {keras.backend.backend()!r}")
-    samples = [bench.gemm_peaks()]
+    samples = []
     rows = []
     for name in job["presets"]:
         samples.append(bench.gemm_peaks())
@@ -167,7 +161,7 @@ def worker(job):
                                       flops, job["repeats"]))
         del model, found
     samples.append(bench.gemm_peaks())
-    peak = max(max(s.values()) for s in samples)
+    peak = bench.highest_peak(samples)
     result = dict(device=bench.device_description(), gemm_peak_gflops=peak, gemm_peak_samples_gflops=samples,
                   rows=[with_fractions(row, peak) for row in rows])
     Path(job["out"]).write_text(json.dumps(result, indent=1))
