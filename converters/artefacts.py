@@ -206,7 +206,10 @@ def _convert(model, job, work):
 
             float_path = os.path.join(work, "float.onnx")
             shutil.move(out, float_path)
-            quantize_dynamic(float_path, out, weight_type=QuantType.QInt8)
+            # 7-bit weights: x86 CPUs without VNNI (AVX2 only) multiply u8 x s8 pairs into a
+            # saturating int16, which with full-range weights left 0.10-0.24 of the output range
+            # as error on the large presets (0.02-0.04 with reduce_range; benchmarks/NOTES.md)
+            quantize_dynamic(float_path, out, weight_type=QuantType.QInt8, reduce_range=True)
     elif target == "openvino":
         import openvino as ov
 
