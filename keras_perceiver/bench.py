@@ -455,10 +455,12 @@ def run_artefacts(presets, targets, batches, repeats, peaks):
     """Cells for exported artefacts: each bench model exported to each `target[:option]`
     (option: a quantization, or "static" for a file per batch with every axis fixed; verified
     against Keras on the way), then timed in its runtime (on the CPU) on the bench inputs;
-    bfloat16 artefacts are measured against `peaks["bfloat16"]`, the others `peaks["float32"]`."""
+    bfloat16 artefacts are measured against `peaks["bfloat16"]`, the others `peaks["float32"]`.
+    Returns (cells, failures): an export that fails (e.g. a quantized file over its error
+    bound) is reported on stderr and in `failures` with its reason, and the run goes on."""
     from keras_perceiver.converters.artefacts import SUFFIXES, _runner, export
 
-    cells = []
+    cells, failures = [], []
     for name in presets:
         model = bench_model(name)
         flops = {batch: forward_flops(model, bench_inputs(name, batch)) for batch in batches}
@@ -477,13 +479,22 @@ def run_artefacts(presets, targets, batches, repeats, peaks):
                     if static or report is None:
                         start = time.perf_counter()
                         shapes = {n: v.shape for n, v in inputs.items()} if static else None
-                        report = export(source, target, path, input_shapes=shapes, dynamic=not static, quantize=quantize)
+                        try:
+                            report = export(source, target, path, input_shapes=shapes, dynamic=not static, quantize=quantize)
+                        except RuntimeError as error:
+                            reason = str(error).strip().splitlines()[-1]
+                            print(f"bench: {name} {mode} not measured: {reason}", file=sys.stderr, flush=True)
+                            failed_batches = [batch] if static else list(batches)  # an open-axes file serves them all
+                            failures.append(dict(preset=name, backend="artefact", mode=mode, batches=failed_batches, error=reason))
+                            if static:
+                                continue
+                            break
                         export_s = time.perf_counter() - start
                     run = _runner(target, str(path), quantize)
                     cells.append(_cell(name, "artefact", mode, batch, timed_runs(lambda: run(inputs), repeats), export_s,
                                        flops[batch], cell_peak, max_rel_error=report.max_rel_error))
         del model, source
-    return cells
+    return cells, failures
 
 
 def main_worker(job):
@@ -499,8 +510,10 @@ def main_worker(job):
     peaks = dict(job["accelerator_peaks"]) if accelerated else cpu_peaks
     dtypes = job.get("dtypes", ["float32"])
     cells = run_cells(job["presets"], job["batches"], job["repeats"], job["modes"], peaks, dtypes, accelerated) if job["modes"] else []
+    failures = []
     if job.get("targets"):
-        cells += run_artefacts(job["presets"], job["targets"], job["batches"], job["repeats"], cpu_peaks)
+        artefact_cells, failures = run_artefacts(job["presets"], job["targets"], job["batches"], job["repeats"], cpu_peaks)
+        cells += artefact_cells
     peers = run_peers(job["presets"], job["batches"], job["repeats"], dtypes=dtypes, peaks=peaks, accelerated=accelerated) if job.get("peers") else []
     samples.append(gemm_peaks())
     # a CPU's GEMM rate drifts (by up to 20% within minutes on the 2-core machines here): the
@@ -522,6 +535,7 @@ def main_worker(job):
                 "bfloat16_gemm_peak_gflops": peaks["bfloat16"],
                 "torch_cpu_bfloat16_matmul_gflops": job.get("bfloat16_peak"),
                 "cells": cells,
+                "failed_cells": failures,
                 "peers": peers,
             }
         )
@@ -654,6 +668,11 @@ def report(paths, markdown_out=None, plot_out=None):
                 )
     if len(peer_lines) > 3:
         lines += peer_lines
+    failed = [(_machine(run_["device"]), f) for data in results for run_ in data["runs"] for f in run_.get("failed_cells", [])]
+    if failed:
+        lines += ["", "Not measured:", ""] + [
+            f"- {machine}: {f['preset']} {f['mode']}, batch {', '.join(map(str, f['batches']))}: {f['error']}" for machine, f in failed
+        ]
     table = "\n".join(lines)
     if markdown_out:
         Path(markdown_out).write_text(table + "\n")

@@ -116,6 +116,25 @@ def test_bfloat16_artefacts_are_measured_against_the_bfloat16_peak(tmp_path):
     assert f"(peak {bf16['peak_gflops']:.0f} bf16)" in table
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="exports run in their own process; once, in the tensorflow pass")
+def test_an_export_that_fails_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime", reason="needs the export extra (onnxruntime)")
+    from keras_perceiver.converters import artefacts
+
+    monkeypatch.setattr(artefacts, "quantized_error_bound", lambda model_or_preset, quantize: 1e-9)
+    cells, failures = bench.run_artefacts(["perceiver_digits"], ["onnx:dynamic_int8", "onnx:static"], [1, 2], 1,
+                                          {"float32": 100.0, "bfloat16": 100.0})
+    assert [(c["mode"], c["batch"]) for c in cells] == [("onnx static", 1), ("onnx static", 2)]
+    (failure,) = failures
+    assert failure["mode"] == "onnx dynamic_int8" and failure["batches"] == [1, 2]
+    assert "exceeds the documented bound 1e-09" in failure["error"]
+    path = _result_file(tmp_path / "r.json", cells, [])
+    data = json.loads(path.read_text())
+    data["runs"][0]["failed_cells"] = failures
+    path.write_text(json.dumps(data))
+    assert "- cpu x2: perceiver_digits onnx dynamic_int8, batch 1, 2: " in bench.report([path])
+
+
 def test_bench_refuses_an_unknown_dtype(tmp_path):
     with pytest.raises(ValueError, match=r"`dtypes` must be one or more of 'float32', 'bfloat16'; received \['float16'\]"):
         bench.run(["perceiver_digits"], ["jax"], out=tmp_path / "b.json", dtypes=["float16"])
