@@ -56,10 +56,9 @@ SMALL_PEERS = {
 }
 
 
-def gemm_peaks(size=2048, repeats=5):
-    """Best float32 (size x size) matmul rate, GFLOP/s, of each GEMM library here: NumPy's
-    BLAS and, when installed, PyTorch's (oneDNN / MKL, often faster). The peak a run reports
-    is the best of them, so that no library's slower GEMM flatters the fractions."""
+def gemm_products(size=2048):
+    """{library: a float32 (size x size) matmul}: NumPy's BLAS and, when installed, PyTorch's
+    (oneDNN / MKL)."""
     a = np.random.default_rng(0).random((size, size), dtype=np.float32)
     b = np.random.default_rng(1).random((size, size), dtype=np.float32)
     products = {"numpy": lambda: a @ b}
@@ -70,8 +69,15 @@ def gemm_peaks(size=2048, repeats=5):
         products["torch"] = lambda: ta @ tb
     except ImportError:
         pass
+    return products
+
+
+def gemm_peaks(size=2048, repeats=5):
+    """Best float32 (size x size) matmul rate, GFLOP/s, of each GEMM library here
+    (`gemm_products`; PyTorch's is often faster). The peak a run reports is the best of
+    them, so that no library's slower GEMM flatters the fractions."""
     peaks = {}
-    for library, product in products.items():
+    for library, product in gemm_products(size).items():
         product()
         peaks[library] = 2 * size**3 / min(_timed(product) for _ in range(repeats)) / 1e9
     return peaks

@@ -131,6 +131,28 @@ def with_fractions(row, peak):
                 bound_fraction_torch=gflop_per_ms / row["product_ms_torch"], bound_fraction_best=gflop_per_ms / row["product_ms_best"])
 
 
+def sustained_gemm(seconds=10.0, size=2048, window=0.5):
+    """{library: [GFLOP/s of each `window`-second stretch]} of the peak's own (size x size)
+    product run back to back for `seconds` per library: what the GEMM alone keeps up for as
+    long as a large preset's forward lasts, against the best-of-5 bursts the peak is made of."""
+    from keras_perceiver import bench
+
+    flop = 2 * size**3
+    rates = {}
+    for library, product in bench.gemm_products(size).items():
+        product()
+        rates[library], count = [], 0
+        start = stretch = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            product()
+            count += 1
+            now = time.perf_counter()
+            if now - stretch >= window:
+                rates[library].append(flop * count / (now - stretch) / 1e9)
+                stretch, count = now, 0
+    return rates
+
+
 def worker(job):
     """In a torch process: ours and the peer, per preset x batch. The float32 GEMM peak is
     measured before each preset and at the end; the fractions use the highest
@@ -143,9 +165,12 @@ def worker(job):
 
     if keras.backend.backend() != "torch":
         raise SystemExit(f"bench-bound: the worker needs KERAS_BACKEND=torch; received {keras.backend.backend()!r}")
-    samples = []
+    samples = [bench.gemm_peaks()]
+    sustained = sustained_gemm(job.get("sustained_s", 10.0))
     rows = []
-    for name in job["presets"]:
+    for index, name in enumerate(job["presets"]):
+        if index:
+            samples.append(bench.gemm_peaks())
         samples.append(bench.gemm_peaks())
         model = bench.bench_model(name)
         found = bench.peer_model(name)
@@ -163,14 +188,16 @@ def worker(job):
     samples.append(bench.gemm_peaks())
     peak = bench.highest_peak(samples)
     result = dict(device=bench.device_description(), gemm_peak_gflops=peak, gemm_peak_samples_gflops=samples,
-                  rows=[with_fractions(row, peak) for row in rows])
+                  sustained_gemm_gflops=sustained, rows=[with_fractions(row, peak) for row in rows])
     Path(job["out"]).write_text(json.dumps(result, indent=1))
 
 
-def run(presets, batches=(1,), repeats=5, out=None):
-    """The bound rows of `presets` x `batches`, in a fresh torch process; written to `out` when given."""
+def run(presets, batches=(1,), repeats=5, out=None, sustained_s=10.0):
+    """The bound rows of `presets` x `batches`, in a fresh torch process; written to `out` when
+    given. `sustained_s`: seconds each GEMM library runs back to back (`sustained_gemm`)."""
     with tempfile.TemporaryDirectory() as work:
-        job = dict(presets=list(presets), batches=list(batches), repeats=repeats, out=os.path.join(work, "r.json"))
+        job = dict(presets=list(presets), batches=list(batches), repeats=repeats, out=os.path.join(work, "r.json"),
+                   sustained_s=sustained_s)
         env = dict(os.environ, KERAS_BACKEND="torch", TF_CPP_MIN_LOG_LEVEL="3")
         done = subprocess.run([sys.executable, "-m", "keras_perceiver.gemm_bound", json.dumps(job)], env=env)
         if done.returncode:
@@ -187,6 +214,14 @@ def table(result):
     lines = [
         f"{result['device']['cpu']} x{result['device']['threads']}; float32 GEMM peak {result['gemm_peak_gflops']:.0f} GFLOP/s "
         f"(highest of {len(result['gemm_peak_samples_gflops'])} samples taken through the run; lowest {lowest:.0f})",
+    ]
+    for library, rates in result.get("sustained_gemm_gflops", {}).items():
+        median = statistics.median(rates)
+        lines.append(
+            f"- the same product in {library}, back to back: median {median:.0f} GFLOP/s ({median / result['gemm_peak_gflops']:.0%} "
+            f"of the peak) over {len(rates)} stretches of 0.5 s, {min(rates):.0f}-{max(rates):.0f}"
+        )
+    lines += [
         "",
         "| preset | batch | implementation | forward ms | % of peak | products | products' share of the forward | their GFLOP/s there | GFLOP (recorded / analytic) | products alone ms: torch / numpy / best | bound: torch GEMMs | bound: best GEMMs |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",

@@ -18,7 +18,7 @@ def test_each_recorded_op_is_read_as_its_matrix_products():
 
 @pytest.mark.skipif(keras.backend.backend() != "torch", reason="starts its own torch process; run once, in the torch pass")
 def test_the_profiler_records_every_matrix_product_of_ours_and_the_peers():
-    result = gemm_bound.run(["small_flamingo_resampler", "small_perceiver_io_language"], batches=[2], repeats=1)
+    result = gemm_bound.run(["small_flamingo_resampler", "small_perceiver_io_language"], batches=[2], repeats=1, sustained_s=1.0)
     rows = result["rows"]
     assert [(r["preset"], r["implementation"].startswith("ours")) for r in rows] == [
         ("small_flamingo_resampler", True), ("small_flamingo_resampler", False),
@@ -39,4 +39,9 @@ def test_the_profiler_records_every_matrix_product_of_ours_and_the_peers():
         # timings are not compared with each other (the machine's load moves them); only what
         # follows from the definitions: the best library's replays bound at least as high as MKL's
         assert row["achieved_fraction"] > 0 and row["bound_fraction_best"] >= row["bound_fraction_torch"] > 0
-    assert "| small_flamingo_resampler | 2 | ours (Keras on torch, eager) |" in gemm_bound.table(result)
+    table = gemm_bound.table(result)
+    assert "| small_flamingo_resampler | 2 | ours (Keras on torch, eager) |" in table
+    # the peak's own product run back to back: a rate for each half-second stretch of the second
+    sustained = result["sustained_gemm_gflops"]
+    assert set(sustained) == {"numpy", "torch"} and all(len(rates) >= 1 and min(rates) > 0 for rates in sustained.values())
+    assert "- the same product in numpy, back to back: median " in table
