@@ -165,12 +165,10 @@ def worker(job):
 
     if keras.backend.backend() != "torch":
         raise SystemExit(f"bench-bound: the worker needs KERAS_BACKEND=torch; received {keras.backend.backend()!r}")
-    samples = [bench.gemm_peaks()]
     sustained = sustained_gemm(job.get("sustained_s", 10.0))
+    samples = []
     rows = []
-    for index, name in enumerate(job["presets"]):
-        if index:
-            samples.append(bench.gemm_peaks())
+    for name in job["presets"]:
         samples.append(bench.gemm_peaks())
         model = bench.bench_model(name)
         found = bench.peer_model(name)
