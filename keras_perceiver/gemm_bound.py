@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from keras_perceiver import bench
+
 FUSED_ATTENTION = "aten::_scaled_dot_product_flash_attention_for_cpu"
 PRODUCT_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", FUSED_ATTENTION)
 
@@ -85,19 +87,15 @@ def product_seconds(product, library, repeats):
         fn = (lambda: torch.mm(a, b)) if batch == 1 else (lambda: torch.bmm(a, b))  # noqa: E731
     else:
         fn = lambda: np.matmul(a, b)  # noqa: E731
-    from keras_perceiver.bench import timed_runs
-
-    return min(timed_runs(fn, repeats))
+    return min(bench.timed_runs(fn, repeats))
 
 
 def _forward_ms(forward, repeats):
     """Median of `repeats` calls (already warmed up by `recorded_products`)."""
     import torch
 
-    from keras_perceiver.bench import _timed
-
     with torch.no_grad():
-        return 1000 * statistics.median([_timed(forward) for _ in range(repeats)])
+        return 1000 * statistics.median([bench._timed(forward) for _ in range(repeats)])
 
 
 def bound_row(preset, batch, implementation, forward, flops, repeats):
@@ -135,8 +133,6 @@ def sustained_gemm(seconds=10.0, size=2048, window=0.5):
     """{library: [GFLOP/s of each `window`-second stretch]} of the peak's own (size x size)
     product run back to back for `seconds` per library: what the GEMM alone keeps up for as
     long as a large preset's forward lasts, against the best-of-5 bursts the peak is made of."""
-    from keras_perceiver import bench
-
     flop = 2 * size**3
     rates = {}
     for library, product in bench.gemm_products(size).items():
@@ -160,7 +156,6 @@ def worker(job):
     closest to what the hardware can do, and never flatters a fraction)."""
     import keras
 
-    from keras_perceiver import bench
     from keras_perceiver.examples import outputs_to_numpy
 
     if keras.backend.backend() != "torch":
