@@ -145,6 +145,30 @@ def timed_runs(fn, repeats):
     return [_timed(fn) for _ in range(repeats)]
 
 
+def alternated_runs(fn, other, repeats):
+    """One warm-up call of each, then `repeats` rounds of `fn` then `other`: both lists of
+    durations. Both run under the same machine state, so their ratio is free of the drift
+    between cells timed minutes apart (up to 2x on the 2-core machines here)."""
+    fn()
+    other()
+    times, other_times = [], []
+    for _ in range(repeats):
+        times.append(_timed(fn))
+        other_times.append(_timed(other))
+    return times, other_times
+
+
+def _measured(fn, name, batch, repeats, paired):
+    """Durations of `fn`, and the cell fields of the float32 peer timed in alternation with it
+    (`paired` and a peer exists; else no fields)."""
+    peer = paired_peer_call(name, batch) if paired else None
+    if peer is None:
+        return timed_runs(fn, repeats), {}
+    times, peer_times = alternated_runs(fn, peer, repeats)
+    return times, dict(paired_peer=_peer_name(_PAIRED_PEERS[name][0]), paired_peer_ms=1000 * statistics.median(peer_times),
+                       paired_peer_spread_ms=1000 * (max(peer_times) - min(peer_times)))
+
+
 def device_description():
     cpu = platform.processor() or platform.machine()
     try:
@@ -370,11 +394,12 @@ def _max_rel_error(got, expected):
     return float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-30))
 
 
-def run_cells(presets, batches, repeats, modes, peaks, dtypes=("float32",), accelerated=False):
+def run_cells(presets, batches, repeats, modes, peaks, dtypes=("float32",), accelerated=False, paired=False):
     """Ours, per preset x dtype x mode x batch. On an accelerator inputs sit on the device and
     outputs stay there (the call is timed to completion); on the CPU outputs come back as NumPy,
     as a user gets them. A bfloat16 cell runs a copy of the float32 model with the same weights
-    in Keras' "bfloat16" policy, and records its error against the float32 output."""
+    in Keras' "bfloat16" policy, and records its error against the float32 output. `paired`
+    (CPU only): each cell is timed in alternation with the float32 peer (`paired_peer_ms`)."""
     import gc
 
     import keras
@@ -405,8 +430,8 @@ def run_cells(presets, batches, repeats, modes, peaks, dtypes=("float32",), acce
                         start = time.perf_counter()
                         output = outputs_to_numpy(fn())
                         compile_s = time.perf_counter() - start if mode == "compiled" else 0.0
-                        times = timed_runs(fn, repeats)
-                    extra = {"dtype": dtype, "peak_device_mb": device_peak_memory_mb()}
+                        times, extra = _measured(fn, name, batch, repeats, paired and not accelerated)
+                    extra.update(dtype=dtype, peak_device_mb=device_peak_memory_mb())
                     if dtype == "float32":
                         expected.setdefault(batch, output)
                     elif batch in expected:
@@ -457,13 +482,14 @@ def artefact_options():
     return options
 
 
-def run_artefacts(presets, targets, batches, repeats, peaks):
+def run_artefacts(presets, targets, batches, repeats, peaks, paired=False):
     """Cells for exported artefacts: each bench model exported to each `target[:option]`
     (option: a quantization, or "static" for a file per batch with every axis fixed; verified
     against Keras on the way), then timed in its runtime (on the CPU) on the bench inputs;
     bfloat16 artefacts are measured against `peaks["bfloat16"]`, the others `peaks["float32"]`.
     Returns (cells, failures): an export that fails (e.g. a quantized file over its error
-    bound) is reported on stderr and in `failures` with its reason, and the run goes on."""
+    bound) is reported on stderr and in `failures` with its reason, and the run goes on.
+    `paired`: each cell is timed in alternation with the float32 peer (`paired_peer_ms`)."""
     from keras_perceiver.converters.artefacts import SUFFIXES, _runner, export
 
     cells, failures = [], []
@@ -497,8 +523,9 @@ def run_artefacts(presets, targets, batches, repeats, peaks):
                             break
                         export_s = time.perf_counter() - start
                     run = _runner(target, str(path), quantize)
-                    cells.append(_cell(name, "artefact", mode, batch, timed_runs(lambda: run(inputs), repeats), export_s,
-                                       flops[batch], cell_peak, max_rel_error=report.max_rel_error))
+                    times, extra = _measured(lambda: run(inputs), name, batch, repeats, paired)
+                    cells.append(_cell(name, "artefact", mode, batch, times, export_s, flops[batch], cell_peak,
+                                       max_rel_error=report.max_rel_error, **extra))
         del model, source
     return cells, failures
 
@@ -515,10 +542,12 @@ def main_worker(job):
     cpu_peaks = {"float32": cpu_peak, "bfloat16": max(job.get("bfloat16_peak") or 0, cpu_peak)}
     peaks = dict(job["accelerator_peaks"]) if accelerated else cpu_peaks
     dtypes = job.get("dtypes", ["float32"])
-    cells = run_cells(job["presets"], job["batches"], job["repeats"], job["modes"], peaks, dtypes, accelerated) if job["modes"] else []
+    paired = job.get("paired", False)
+    cells = run_cells(job["presets"], job["batches"], job["repeats"], job["modes"], peaks, dtypes, accelerated,
+                      paired) if job["modes"] else []
     failures = []
     if job.get("targets"):
-        artefact_cells, failures = run_artefacts(job["presets"], job["targets"], job["batches"], job["repeats"], cpu_peaks)
+        artefact_cells, failures = run_artefacts(job["presets"], job["targets"], job["batches"], job["repeats"], cpu_peaks, paired)
         cells += artefact_cells
     peers = run_peers(job["presets"], job["batches"], job["repeats"], dtypes=dtypes, peaks=peaks, accelerated=accelerated) if job.get("peers") else []
     samples.append(gemm_peaks())
@@ -571,12 +600,14 @@ def _backend_version():
 
 
 def run(presets, backends, batches=(1,), repeats=5, modes=("eager", "compiled"), out="bench.json", peers=True, targets=(),
-        dtypes=("float32",)):
+        dtypes=("float32",), paired=False):
     """Run every backend in its own process (peers in the torch one, same process as ours,
     so the same machine state; exported artefacts, `target[:quantize]`, in the first);
     merge into one JSON at `out`. The GEMM peaks (float32; bfloat16 for bfloat16 cells; the
     GPU's, where there is one) are measured here, once, before the runs. `dtypes`: the
-    precisions ours and the peers run in, "float32" and / or "bfloat16"."""
+    precisions ours and the peers run in, "float32" and / or "bfloat16". `paired`: every CPU
+    cell is also timed in alternation with its float32 peer, in its own process (twice the
+    time; the ratio is then free of the machine's drift between cells)."""
     unknown = sorted(set(dtypes) - set(DTYPES))
     if unknown or not dtypes:
         raise ValueError(f"bench: `dtypes` must be one or more of 'float32', 'bfloat16'; received {list(dtypes)!r}")
@@ -594,7 +625,7 @@ def run(presets, backends, batches=(1,), repeats=5, modes=("eager", "compiled"),
         with tempfile.TemporaryDirectory() as work:
             job = dict(presets=presets, batches=list(batches), repeats=repeats, modes=list(modes), out=os.path.join(work, "r.json"),
                        peers=peers and backend == "torch", targets=list(targets) if index == 0 else [], gemm_peaks=peaks,
-                       bfloat16_peak=bf16_peak, accelerator_peaks=accelerator_peaks, dtypes=list(dtypes))
+                       bfloat16_peak=bf16_peak, accelerator_peaks=accelerator_peaks, dtypes=list(dtypes), paired=paired)
             env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
             done = subprocess.run([sys.executable, "-m", "keras_perceiver.bench", json.dumps(job)], env=env)
             if done.returncode:
@@ -674,6 +705,17 @@ def report(paths, markdown_out=None, plot_out=None):
                 )
     if len(peer_lines) > 3:
         lines += peer_lines
+    paired = [(machine, c) for machine, c in rows if "paired_peer_ms" in c]
+    if paired:
+        lines += [
+            "", "Timed in alternation with the float32 peer, in one process (rounds of ours, then the peer):", "",
+            "| machine | preset | batch | ours | ms | spread ms | peer | peer ms, same rounds | spread ms | peer time / our time |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ] + [
+            f"| {machine} | {c['preset']} | {c['batch']} | {c['backend']} {c['mode']} | {c['median_ms']:.1f} | {c['spread_ms']:.1f} | "
+            f"{c['paired_peer']} | {c['paired_peer_ms']:.1f} | {c['paired_peer_spread_ms']:.1f} | {c['paired_peer_ms'] / c['median_ms']:.2f}x |"
+            for machine, c in paired
+        ]
     failed = [(_machine(run_["device"]), f) for data in results for run_ in data["runs"] for f in run_.get("failed_cells", [])]
     if failed:
         lines += ["", "Not measured:", ""] + [
@@ -742,6 +784,32 @@ def peer_model(name):
     return model, lambda x: (torch.from_numpy(x["inputs"].transpose(0, 3, 1, 2).copy()),)
 
 
+_PAIRED_PEERS = {}  # bench name -> peer_model(name), built once per process for paired timing
+
+
+def paired_peer_call(name, batch):
+    """The float32 peer of `name` on the CPU as a no-argument call on the bench inputs of
+    `batch` (what `run_peers` times), or None where there is no peer."""
+    import torch
+
+    if name not in _PAIRED_PEERS:
+        _PAIRED_PEERS[name] = peer_model(name)
+    if _PAIRED_PEERS[name] is None:
+        return None
+    model, to_torch = _PAIRED_PEERS[name]
+    forward = peer_call(model, model, to_torch(bench_inputs(name, batch)))
+
+    def call():
+        with torch.no_grad():
+            return forward()
+
+    return call
+
+
+def _peer_name(model):
+    return type(model).__module__.split(".")[0] + "." + type(model).__name__
+
+
 def peer_call(fn, model, args):
     """A no-argument call of the peer `model` (through `fn`: the model or its compiled form) on
     the tensors `to_torch` made: (token ids, mask) for the language model, (media,) for the
@@ -778,7 +846,7 @@ def run_peers(presets, batches, repeats, compiled=False, dtypes=("float32",), pe
                     times = [_timed(call) for _ in range(repeats)]
                 median = statistics.median(times)
                 mode = ("torch.compile" if compiled else "eager") + ("" if dtype == "float32" else f" {dtype}")
-                cells.append(dict(preset=name, peer=type(model).__module__.split(".")[0] + "." + type(model).__name__,
+                cells.append(dict(preset=name, peer=_peer_name(model),
                                   mode=mode, dtype=dtype, batch=batch, median_ms=1000 * median,
                                   spread_ms=1000 * (max(times) - min(times)), compile_s=compile_s if compiled else 0.0,
                                   peak_gflops=(peaks or {}).get(dtype)))

@@ -101,6 +101,8 @@ def main(argv=None):
         "(onnx:static: one file per batch size, every axis fixed)",
     )
     bench.add_argument("--no-peers", action="store_true", help="skip the PyTorch originals")
+    bench.add_argument("--paired", action="store_true",
+                       help="also time each CPU cell in alternation with its float32 peer, in one process (twice the time)")
     bench.add_argument("--batch", type=_batches, default=[1], help="comma-separated batch sizes, e.g. 1,8")
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--dtypes", default="float32", help="precisions of ours and the peers: float32 and / or bfloat16, comma-separated")
@@ -201,7 +203,7 @@ def main(argv=None):
             parser.error(f"--dtypes: expected one or more of float32,bfloat16; received {args.dtypes!r}")
         _refuse_existing(parser, args, out=args.out)
         bench_module.run(presets, backends, args.batch, args.repeats, [m for m in args.modes.split(",") if m], args.out,
-                         peers=not args.no_peers, targets=targets, dtypes=dtypes)
+                         peers=not args.no_peers, targets=targets, dtypes=dtypes, paired=args.paired)
         print(bench_module.report([args.out]))
         return 0
     if args.command == "bench-bound":

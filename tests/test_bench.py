@@ -185,3 +185,25 @@ def test_a_higher_peak_sampled_later_re_measures_the_cells_against_it():
     # a lower sample changes nothing; a bfloat16 unit faster than the new float32 peak keeps its peak
     assert bench._raised_peaks([float32], raised, 90.0) == raised and float32["fraction_of_peak"] == pytest.approx(0.64)
     assert bench._raised_peaks([], {"float32": 100.0, "bfloat16": 400.0}, 125.0) == {"float32": 125.0, "bfloat16": 400.0}
+
+
+def test_alternated_runs_time_both_calls_in_turns():
+    order = []
+    times, other_times = bench.alternated_runs(lambda: order.append("ours"), lambda: order.append("peer"), 3)
+    assert order == ["ours", "peer"] * 4  # a warm-up round, then three timed ones
+    assert len(times) == len(other_times) == 3
+
+
+def test_paired_cells_carry_the_peer_timed_in_the_same_rounds(tmp_path):
+    peaks = {"float32": 100.0}
+    (cell,) = bench.run_cells(["small_flamingo_resampler"], [1], 2, ["eager"], peaks, paired=True)
+    assert cell["paired_peer"] == "flamingo_pytorch.PerceiverResampler"
+    assert cell["paired_peer_ms"] > 0 and cell["paired_peer_spread_ms"] >= 0
+    (digits,) = bench.run_cells(["perceiver_digits"], [1], 2, ["eager"], peaks, paired=True)
+    assert "paired_peer_ms" not in digits  # no peer to pair with
+    path = _result_file(tmp_path / "r.json", [cell, digits], [])
+    rows = [line for line in bench.report([path]).splitlines() if "flamingo_pytorch.PerceiverResampler" in line]
+    ratio = cell["paired_peer_ms"] / cell["median_ms"]
+    assert rows == [f"| cpu x2 | small_flamingo_resampler | 1 | {keras.backend.backend()} eager "
+                    f"| {cell['median_ms']:.1f} | {cell['spread_ms']:.1f} | flamingo_pytorch.PerceiverResampler "
+                    f"| {cell['paired_peer_ms']:.1f} | {cell['paired_peer_spread_ms']:.1f} | {ratio:.2f}x |"]
