@@ -165,7 +165,7 @@ def _measured(fn, name, batch, repeats, paired):
     if peer is None:
         return timed_runs(fn, repeats), {}
     times, peer_times = alternated_runs(fn, peer, repeats)
-    return times, dict(paired_peer=_peer_name(_PAIRED_PEERS[name][0]), paired_peer_ms=1000 * statistics.median(peer_times),
+    return times, dict(paired_peer=peer_name(_PAIRED_PEERS[name][0]), paired_peer_ms=1000 * statistics.median(peer_times),
                        paired_peer_spread_ms=1000 * (max(peer_times) - min(peer_times)))
 
 
@@ -806,7 +806,8 @@ def paired_peer_call(name, batch):
     return call
 
 
-def _peer_name(model):
+def peer_name(model):
+    """A peer as the tables name it: its package and class, e.g. "transformers.PerceiverForMaskedLM"."""
     return type(model).__module__.split(".")[0] + "." + type(model).__name__
 
 
@@ -846,7 +847,7 @@ def run_peers(presets, batches, repeats, compiled=False, dtypes=("float32",), pe
                     times = [_timed(call) for _ in range(repeats)]
                 median = statistics.median(times)
                 mode = ("torch.compile" if compiled else "eager") + ("" if dtype == "float32" else f" {dtype}")
-                cells.append(dict(preset=name, peer=_peer_name(model),
+                cells.append(dict(preset=name, peer=peer_name(model),
                                   mode=mode, dtype=dtype, batch=batch, median_ms=1000 * median,
                                   spread_ms=1000 * (max(times) - min(times)), compile_s=compile_s if compiled else 0.0,
                                   peak_gflops=(peaks or {}).get(dtype)))

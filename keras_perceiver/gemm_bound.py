@@ -129,7 +129,10 @@ def with_fractions(row, peak):
                 bound_fraction_torch=gflop_per_ms / row["product_ms_torch"], bound_fraction_best=gflop_per_ms / row["product_ms_best"])
 
 
-def sustained_gemm(seconds=10.0, size=2048, window=0.5):
+SUSTAINED_WINDOW_S = 0.5  # the stretch over which `sustained_gemm` reports one rate
+
+
+def sustained_gemm(seconds=10.0, size=2048, window=SUSTAINED_WINDOW_S):
     """{library: [GFLOP/s of each `window`-second stretch]} of the peak's own (size x size)
     product run back to back for `seconds` per library: what the GEMM alone keeps up for as
     long as a large preset's forward lasts, against the best-of-5 bursts the peak is made of."""
@@ -175,13 +178,13 @@ def worker(job):
             if found is not None:
                 peer, to_torch = found
                 call = bench.peer_call(peer, peer, to_torch(inputs))
-                rows.append(bound_row(name, batch, type(peer).__module__.split(".")[0] + "." + type(peer).__name__, call,
+                rows.append(bound_row(name, batch, bench.peer_name(peer), call,
                                       flops, job["repeats"]))
         del model, found
     samples.append(bench.gemm_peaks())
     peak = bench.highest_peak(samples)
     result = dict(device=bench.device_description(), gemm_peak_gflops=peak, gemm_peak_samples_gflops=samples,
-                  sustained_gemm_gflops=sustained, rows=[with_fractions(row, peak) for row in rows])
+                  sustained_gemm_gflops=sustained, sustained_window_s=SUSTAINED_WINDOW_S, rows=[with_fractions(row, peak) for row in rows])
     Path(job["out"]).write_text(json.dumps(result, indent=1))
 
 
@@ -208,11 +211,12 @@ def table(result):
         f"{result['device']['cpu']} x{result['device']['threads']}; float32 GEMM peak {result['gemm_peak_gflops']:.0f} GFLOP/s "
         f"(highest of {len(result['gemm_peak_samples_gflops'])} samples taken through the run; lowest {lowest:.0f})",
     ]
+    window = result.get("sustained_window_s", SUSTAINED_WINDOW_S)  # files of session 11 used the default
     for library, rates in result.get("sustained_gemm_gflops", {}).items():
         median = statistics.median(rates)
         lines.append(
             f"- the same product in {library}, back to back: median {median:.0f} GFLOP/s ({median / result['gemm_peak_gflops']:.0%} "
-            f"of the peak) over {len(rates)} stretches of 0.5 s, {min(rates):.0f}-{max(rates):.0f}"
+            f"of the peak) over {len(rates)} stretches of {window:g} s, {min(rates):.0f}-{max(rates):.0f}"
         )
     lines += [
         "",

@@ -45,3 +45,4 @@ def test_the_profiler_records_every_matrix_product_of_ours_and_the_peers():
     sustained = result["sustained_gemm_gflops"]
     assert set(sustained) == {"numpy", "torch"} and all(len(rates) >= 1 and min(rates) > 0 for rates in sustained.values())
     assert "- the same product in numpy, back to back: median " in table
+    assert result["sustained_window_s"] == gemm_bound.SUSTAINED_WINDOW_S and f"stretches of {gemm_bound.SUSTAINED_WINDOW_S:g} s" in table
