@@ -145,17 +145,27 @@ def timed_runs(fn, repeats):
     return [_timed(fn) for _ in range(repeats)]
 
 
-def alternated_runs(fn, other, repeats):
-    """One warm-up call of each, then `repeats` rounds of `fn` then `other`: both lists of
-    durations. Both run under the same machine state, so their ratio is free of the drift
-    between cells timed minutes apart (up to 2x on the 2-core machines here)."""
-    fn()
-    other()
-    times, other_times = [], []
+PAIR_BLOCK_S = 0.5  # how long each side of a paired round runs back to back
+
+
+def alternated_runs(fn, other, repeats, block_s=PAIR_BLOCK_S):
+    """`repeats` rounds of `fn` then `other`, each side timed over a block of back-to-back calls
+    lasting about `block_s` (a single call where one takes longer): both lists of per-call times,
+    one a round (the block's mean). Both run under the same machine state, so their ratio is free
+    of the drift between cells timed minutes apart (up to 2x on the 2-core machines here). Blocks,
+    not single calls: a millisecond call right after the other runtime's finds its threads parked
+    and its caches cold, and ran 2-3x slower that way here, so each block starts with an untimed call."""
+    counts = [max(1, round(block_s / timed_runs(f, 1)[0])) for f in (fn, other)]
+    times = ([], [])
     for _ in range(repeats):
-        times.append(_timed(fn))
-        other_times.append(_timed(other))
-    return times, other_times
+        for f, count, durations in zip((fn, other), counts, times):
+            if count > 1:
+                f()
+            start = time.perf_counter()
+            for _ in range(count):
+                f()
+            durations.append((time.perf_counter() - start) / count)
+    return times
 
 
 def _measured(fn, name, batch, repeats, paired):

@@ -1,4 +1,5 @@
 import json
+import time
 
 import numpy as np
 
@@ -189,9 +190,27 @@ def test_a_higher_peak_sampled_later_re_measures_the_cells_against_it():
 
 def test_alternated_runs_time_both_calls_in_turns():
     order = []
-    times, other_times = bench.alternated_runs(lambda: order.append("ours"), lambda: order.append("peer"), 3)
-    assert order == ["ours", "peer"] * 4  # a warm-up round, then three timed ones
+    ours, peer = (lambda: order.append("ours")), (lambda: order.append("peer"))
+    # calls longer than the block: one call a side per round, after a warm-up and a timed call each
+    times, other_times = bench.alternated_runs(ours, peer, 3, block_s=0.0)
+    assert order == ["ours"] * 2 + ["peer"] * 2 + ["ours", "peer"] * 3
     assert len(times) == len(other_times) == 3
+
+    def sleeper(label, seconds):
+        def call():
+            order.append(label)
+            time.sleep(seconds)
+        return call
+
+    order.clear()
+    # short calls: each round runs a block of about block_s back to back, after an untimed call
+    times, other_times = bench.alternated_runs(sleeper("ours", 0.01), sleeper("peer", 0.02), 2, block_s=0.1)
+    rounds = order[4:]
+    ours_block, peer_block = rounds.index("peer"), len(rounds) // 2 - rounds.index("peer")
+    assert rounds == (["ours"] * ours_block + ["peer"] * peer_block) * 2
+    assert ours_block > peer_block > 2  # the shorter call runs more often; each block starts with an untimed call
+    # per-call means, not the blocks' totals (each at least the call's time x its block's length)
+    assert all(0.01 <= t < 0.01 * ours_block for t in times) and all(0.02 <= t < 0.02 * peer_block for t in other_times)
 
 
 def test_paired_cells_carry_the_peer_timed_in_the_same_rounds(tmp_path):
