@@ -154,7 +154,7 @@ def alternated_runs(fn, other, repeats, block_s=PAIR_BLOCK_S):
     one a round (the block's mean). Both run under the same machine state, so their ratio is free
     of the drift between cells timed minutes apart (up to 2x on the 2-core machines here). Blocks,
     not single calls: a millisecond call right after the other runtime's finds its threads parked
-    and its caches cold, and ran 2-3x slower that way here, so each block starts with an untimed call."""
+    and its caches cold, and ran 2-4x slower that way here, so each block starts with an untimed call."""
     counts = [max(1, round(block_s / timed_runs(f, 1)[0])) for f in (fn, other)]
     times = ([], [])
     for _ in range(repeats):
@@ -718,7 +718,8 @@ def report(paths, markdown_out=None, plot_out=None):
     paired = [(machine, c) for machine, c in rows if "paired_peer_ms" in c]
     if paired:
         lines += [
-            "", "Timed in alternation with the float32 peer, in one process (rounds of ours, then the peer):", "",
+            "", "Timed in alternation with the float32 peer, in one process (rounds of ours, then the peer, each side about "
+            f"{PAIR_BLOCK_S:g} s of back-to-back calls; a spread is that of the rounds' per-call means):", "",
             "| machine | preset | batch | ours | ms | spread ms | peer | peer ms, same rounds | spread ms | peer time / our time |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ] + [
