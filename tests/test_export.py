@@ -80,6 +80,17 @@ def test_export_every_family(name, target, tmp_path):
     _export_and_check(name, target, tmp_path)
 
 
+def _digits_accuracy(target, path, quantize=None, batch=450):
+    """Held-out accuracy of a perceiver_digits artefact in its runtime, `batch` images a call."""
+    from keras_perceiver.converters.artefacts import _runner
+    from keras_perceiver.zoo.train_digits import digits_split
+
+    _, _, x_test, y_test = digits_split()
+    run = _runner(target, str(path), quantize)
+    logits = np.concatenate([next(iter(run({"inputs": x_test[i : i + batch]}).values())) for i in range(0, len(x_test), batch)])
+    return (logits.argmax(-1) == y_test).mean()
+
+
 @once
 def test_quantized_tflite_stays_within_the_presets_bound(tmp_path):
     report = export("perceiver_digits", "tflite", tmp_path / "digits_int8.tflite", quantize="dynamic_int8")
@@ -89,13 +100,7 @@ def test_quantized_tflite_stays_within_the_presets_bound(tmp_path):
     full = (tmp_path / "digits_int8.tflite").stat().st_size
     assert full < 0.6 * export("perceiver_digits", "tflite", tmp_path / "digits.tflite").size_bytes
     # the accuracy cost, measured in LiteRT on the held-out split
-    from keras_perceiver.converters.artefacts import _runner
-    from keras_perceiver.zoo.train_digits import digits_split
-
-    _, _, x_test, y_test = digits_split()
-    run = _runner("tflite", str(tmp_path / "digits_int8.tflite"))
-    logits = np.concatenate([next(iter(run({"inputs": x_test[i : i + 50]}).values())) for i in range(0, len(x_test), 50)])
-    assert (logits.argmax(-1) == y_test).mean() >= 0.97
+    assert _digits_accuracy("tflite", tmp_path / "digits_int8.tflite", batch=50) >= 0.97
 
 
 @once
@@ -111,12 +116,7 @@ def test_quantized_onnx_keeps_7_bit_weights_and_the_digits_accuracy(tmp_path):
     weights = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer]
     weights = [w for w in weights if w.dtype == np.int8 and w.size > 1]
     assert weights and all(-64 <= w.min() and w.max() <= 64 for w in weights)
-    from keras_perceiver.converters.artefacts import _runner
-    from keras_perceiver.zoo.train_digits import digits_split
-
-    _, _, x_test, y_test = digits_split()
-    logits = next(iter(_runner("onnx", str(path))({"inputs": x_test}).values()))
-    assert (logits.argmax(-1) == y_test).mean() >= 0.97
+    assert _digits_accuracy("onnx", path) >= 0.97
 
 
 @once
@@ -126,13 +126,7 @@ def test_openvino_bfloat16_runs_in_bf16_within_the_bound(tmp_path):
     report = export("perceiver_digits", "openvino", path, quantize="bfloat16")
     assert report.quantize == "bfloat16" and report.max_rel_error <= report.error_bound
     assert "Einsum" not in [op.get_type_name() for op in ov.Core().read_model(str(path)).get_ordered_ops()]
-    from keras_perceiver.converters.artefacts import _runner
-    from keras_perceiver.zoo.train_digits import digits_split
-
-    _, _, x_test, y_test = digits_split()
-    run = _runner("openvino", str(path), "bfloat16")
-    logits = next(iter(run({"inputs": x_test}).values()))
-    assert (logits.argmax(-1) == y_test).mean() >= 0.97
+    assert _digits_accuracy("openvino", path, "bfloat16") >= 0.97
     if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         assert "INFERENCE_PRECISION_HINT=bf16" in report.notes
         assert report.max_rel_error > 1e-5  # bf16 arithmetic shows (float32 OpenVINO: about 1e-7)
