@@ -841,7 +841,8 @@ def run_peers(presets, batches, repeats, compiled=False, dtypes=("float32",), pe
     device = "cuda" if accelerated else "cpu"
     cells = []
     for name in presets:
-        found = peer_model(name)
+        # the peer a paired cell already built (seeded: the same weights) is taken and released
+        found = _PAIRED_PEERS.pop(name, None) or peer_model(name)
         if found is None:
             continue
         model, to_torch = found

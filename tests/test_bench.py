@@ -218,6 +218,10 @@ def test_paired_cells_carry_the_peer_timed_in_the_same_rounds(tmp_path):
     (cell,) = bench.run_cells(["small_flamingo_resampler"], [1], 2, ["eager"], peaks, paired=True)
     assert cell["paired_peer"] == "flamingo_pytorch.PerceiverResampler"
     assert cell["paired_peer_ms"] > 0 and cell["paired_peer_spread_ms"] >= 0
+    # the peer cells that follow take the peer the pairing built instead of building it again
+    model = bench._PAIRED_PEERS["small_flamingo_resampler"][0]
+    (peer_cell,) = bench.run_peers(["small_flamingo_resampler"], [1], 1)
+    assert "small_flamingo_resampler" not in bench._PAIRED_PEERS and peer_cell["peer"] == bench.peer_name(model)
     (digits,) = bench.run_cells(["perceiver_digits"], [1], 2, ["eager"], peaks, paired=True)
     assert "paired_peer_ms" not in digits  # no peer to pair with
     path = _result_file(tmp_path / "r.json", [cell, digits], [])
