@@ -29,7 +29,7 @@ def _batches(value):
     return sizes
 
 
-def _bench_presets(parser, value):
+def _bench_presets(parser, value, flag="--presets"):
     """The comma-separated bench names in `value`, each a preset or a bench-only small
     configuration that the bench has inputs for."""
     from keras_perceiver import bench
@@ -38,7 +38,7 @@ def _bench_presets(parser, value):
     presets = [p for p in value.split(",") if p]
     unknown = [p for p in presets if p not in bench.BENCH_INPUTS or (p not in list_presets() and p not in bench.SMALL_PEERS)]
     if unknown or not presets:
-        parser.error(f"--presets: expected names among {','.join(bench.BENCH_INPUTS)}; received {value!r}")
+        parser.error(f"{flag}: expected names among {','.join(bench.BENCH_INPUTS)}; received {value!r}")
     return presets
 
 
@@ -122,6 +122,18 @@ def main(argv=None):
     bound.add_argument("--repeats", type=int, default=5)
     bound.add_argument("--json", default=None, help="write the rows here too")
     bound.add_argument("--overwrite", action="store_true", help="replace existing result files")
+
+    profile = commands.add_parser(
+        "bench-profile", help="where an ONNX artefact's time goes, by node type, and its products' %% of GEMM peak (onnxruntime)")
+    profile.add_argument("preset", help="a preset or bench configuration (its bench inputs are used)")
+    profile.add_argument("--onnx", default=None, help="profile this file instead of exporting the preset")
+    profile.add_argument("--batch", type=int, default=1)
+    profile.add_argument("--static", action="store_true", help="export with every axis fixed at the bench inputs' shapes")
+    profile.add_argument("--quantize", default=None, choices=["dynamic_int8"], help="export an int8 file")
+    profile.add_argument("--runs", type=int, default=3, help="profiled calls after one warm-up")
+    profile.add_argument("--top", type=int, default=12, help="rows of the slowest (node type, shapes)")
+    profile.add_argument("--json", default=None, help="write the profile here too")
+    profile.add_argument("--overwrite", action="store_true", help="replace existing result files")
 
     scale = commands.add_parser("bench-scale", help="time and peak memory against the input length M")
     scale.add_argument("--lengths", default="1000,10000,100000,1000000")
@@ -214,6 +226,22 @@ def main(argv=None):
             parser.error(f"--repeats: expected a positive integer; received {args.repeats}")
         _refuse_existing(parser, args, json=args.json)
         print(gemm_bound.table(gemm_bound.run(presets, args.batch, args.repeats, args.json)))
+        return 0
+    if args.command == "bench-profile":
+        from keras_perceiver import onnx_profile
+
+        if len(_bench_presets(parser, args.preset, "preset")) != 1:
+            parser.error(f"preset: expected one name; received {args.preset!r}")
+        for flag, value in (("batch", args.batch), ("runs", args.runs), ("top", args.top)):
+            if value < 1:
+                parser.error(f"--{flag}: expected a positive integer; received {value}")
+        if args.onnx and (args.static or args.quantize):
+            parser.error(f"--onnx: a given file is profiled as it is; received it with --static / --quantize ({args.onnx})")
+        if args.onnx and not os.path.isfile(args.onnx):
+            parser.error(f"--onnx: expected an existing ONNX file; received {args.onnx}")
+        _refuse_existing(parser, args, json=args.json)
+        result = onnx_profile.run(args.preset, args.batch, args.onnx, args.quantize, args.static, args.runs, args.json)
+        print(onnx_profile.table(result, args.top))
         return 0
     if args.command == "bench-scale":
         import json
