@@ -63,9 +63,9 @@ def node_times(events):
 
 
 def summarize(nodes, run_us, peak_gflops):
-    """Per forward: the call's ms (median of the timed runs), the kernels' ms, each node type's
-    ms and share of the kernels' time, the products' GFLOP and rate, and the rows per (node
-    type, input shapes), slowest first."""
+    """Per forward, as means over the timed runs (so the kernels' ms stay within the call's):
+    the call's ms, the kernels' ms, each node type's ms and share of the kernels' time, the
+    products' GFLOP and rate, and the rows per (node type, input shapes), slowest first."""
     calls = len(run_us)
     by_op = defaultdict(float)
     rows = defaultdict(lambda: {"ms": 0.0, "nodes": 0, "gflop": 0.0})
@@ -86,7 +86,7 @@ def summarize(nodes, run_us, peak_gflops):
     ]
     products_rate = products_gflop / products_ms * 1e3 if products_ms else 0.0
     return dict(
-        call_ms=statistics.median(run_us) / 1000,
+        call_ms=statistics.mean(run_us) / 1000,
         timed_runs=calls,
         kernels_ms=kernels_ms,
         ops=[dict(op=op, ms=ms, share=ms / kernels_ms) for op, ms in sorted(by_op.items(), key=lambda x: -x[1])],
@@ -154,7 +154,7 @@ def table(result, top=12):
         artefact = "ONNX, " + ("static" if result["static"] else "open axes") + (f", {result['quantize']}" if result["quantize"] else "")
     lines = [
         f"{result['preset']}, batch {result['batch']}, {artefact}, in onnxruntime; {result['device']['cpu']} x{result['device']['threads']}",
-        f"call {result['call_ms']:.1f} ms (median of {result['timed_runs']} profiled runs), kernels {result['kernels_ms']:.1f} ms",
+        f"call {result['call_ms']:.1f} ms (mean of {result['timed_runs']} profiled runs), kernels {result['kernels_ms']:.1f} ms",
         f"matrix products: {p['ms']:.1f} ms ({p['share']:.0%} of the kernels), {p['gflop']:.3g} GFLOP (int8: GOP) at "
         f"{p['gflops']:.0f}/s = {p['fraction_of_peak']:.0%} of the float32 GEMM peak {result['gemm_peak_gflops']:.0f} GFLOP/s "
         f"(highest of {len(result['gemm_peak_samples_gflops'])} samples)",
