@@ -67,23 +67,26 @@ def summarize(nodes, run_us, peak_gflops):
     the call's ms, the kernels' ms, each node type's ms and share of the kernels' time, the
     products' GFLOP and rate, and the rows per (node type, input shapes), slowest first."""
     calls = len(run_us)
-    by_op = defaultdict(float)
-    rows = defaultdict(lambda: {"ms": 0.0, "nodes": 0, "gflop": 0.0})
+    totals = defaultdict(lambda: {"us": 0, "nodes": 0, "flops": 0})
     for op, inputs, output, us in nodes:
-        by_op[op] += us / calls / 1000
-        row = rows[(op, json.dumps(inputs))]
-        row["ms"] += us / calls / 1000
-        row["nodes"] += 1 / calls
+        total = totals[(op, tuple(map(tuple, inputs)))]
+        total["us"] += us
+        total["nodes"] += 1
         if op in PRODUCT_OPS:
-            row["gflop"] += product_flops(inputs, output) / calls / 1e9
-    kernels_ms = sum(by_op.values())
-    products_ms = sum(ms for op, ms in by_op.items() if op in PRODUCT_OPS)
-    products_gflop = sum(row["gflop"] for row in rows.values())
-    row_list = [
-        dict(op=op, input_shapes=json.loads(shapes), ms=row["ms"], nodes=round(row["nodes"]), share=row["ms"] / kernels_ms,
-             **(dict(gflop=row["gflop"], gflops=row["gflop"] / row["ms"] * 1e3) if op in PRODUCT_OPS else {}))
-        for (op, shapes), row in rows.items()
-    ]
+            total["flops"] += product_flops(inputs, output)
+    rows = []
+    for (op, shapes), total in totals.items():
+        row = dict(op=op, input_shapes=[list(s) for s in shapes], ms=total["us"] / calls / 1000, nodes=total["nodes"] // calls)
+        if op in PRODUCT_OPS:
+            row.update(gflop=total["flops"] / calls / 1e9, gflops=total["flops"] / total["us"] / 1e3)
+        rows.append(row)
+    kernels_ms = sum(row["ms"] for row in rows)
+    by_op = defaultdict(float)
+    for row in rows:
+        row["share"] = row["ms"] / kernels_ms
+        by_op[row["op"]] += row["ms"]
+    products_ms = sum(row["ms"] for row in rows if "gflop" in row)
+    products_gflop = sum(row["gflop"] for row in rows if "gflop" in row)
     products_rate = products_gflop / products_ms * 1e3 if products_ms else 0.0
     return dict(
         call_ms=statistics.mean(run_us) / 1000,
@@ -92,7 +95,7 @@ def summarize(nodes, run_us, peak_gflops):
         ops=[dict(op=op, ms=ms, share=ms / kernels_ms) for op, ms in sorted(by_op.items(), key=lambda x: -x[1])],
         products=dict(ms=products_ms, share=products_ms / kernels_ms, gflop=products_gflop, gflops=products_rate,
                       fraction_of_peak=products_rate / peak_gflops),
-        rows=sorted(row_list, key=lambda r: -r["ms"]),
+        rows=sorted(rows, key=lambda r: -r["ms"]),
     )
 
 

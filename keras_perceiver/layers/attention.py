@@ -25,13 +25,14 @@ def _expand_mask(key_mask):
 
 
 def _mask_bias(mask):
-    """Boolean mask -> float32 0 / -1e30 of the same (B, 1, Tq|1, Tk) shape, added to the logits.
+    """Boolean mask -> float32 0 / -1e30 of the same (B, 1, Tq|1, Tk) shape, added to the logits
+    (None -> None).
 
     Adding a bias broadcast over heads and queries costs less than selecting over the whole
     (B, H, Tq, Tk) scores: onnxruntime's Where took 16.5 ms on the language model's
     cross-attention scores (benchmarks/NOTES.md). logits - 1e30 rounds to exactly -1e30, so
     the result equals the selection. Float32 whatever floatx is: -1e30 overflows float16."""
-    return (ops.cast(mask, "float32") - 1.0) * 1e30
+    return None if mask is None else (ops.cast(mask, "float32") - 1.0) * 1e30
 
 
 def _heads_first(x):
@@ -139,12 +140,12 @@ def attention(
     num_keys = key.shape[1]
     chunk_size = chunk_size or _chunk_size(query, num_keys, score_budget_bytes)
     if chunk_size and num_keys is not None and num_keys > chunk_size:
-        out = _chunked_attention(query, key, value, None if mask is None else _mask_bias(mask), scale, chunk_size)
+        out = _chunked_attention(query, key, value, _mask_bias(mask), scale, chunk_size)
     elif query.shape[-1] == value.shape[-1]:
         key, value = _heads_of(key, query), _heads_of(value, query)
         out = ops.dot_product_attention(query, key, value, mask=mask, scale=scale)
     else:
-        out = _explicit_attention(query, key, value, None if mask is None else _mask_bias(mask), scale)
+        out = _explicit_attention(query, key, value, _mask_bias(mask), scale)
 
     if row_has_key is not None:
         keep = ops.transpose(row_has_key, (0, 2, 1, 3))  # (B, Tq|1, 1, 1)
