@@ -648,9 +648,14 @@ def run(presets, backends, batches=(1,), repeats=5, modes=("eager", "compiled"),
     return results
 
 
+def _precision(cell):
+    """"float32", or the reduced precision a cell (ours or a peer's) ran in: "int8", "bfloat16", "float16"."""
+    return next((kind for kind in ("int8", "bfloat16", "float16") if kind in cell["mode"]), "float32")
+
+
 def _reduced(cell):
     """Whether a cell ran in reduced precision (a quantized, float16 or bfloat16 artefact)."""
-    return any(kind in cell["mode"] for kind in ("int8", "float16", "bfloat16"))
+    return _precision(cell) != "float32"
 
 
 def _machine(device):
@@ -659,8 +664,80 @@ def _machine(device):
     return f"{device['cpu']} x{device['threads']}{accelerators}"
 
 
+def _fastest_peer(peers, cell):
+    """The fastest peer of the cell's preset and batch in the cell's precision, else in float32 (the
+    reduced-precision targets are set against the float32 peers); None if there is none."""
+    same = [p for p in peers if p["preset"] == cell["preset"] and p["batch"] == cell["batch"]]
+    matching = [p for p in same if _precision(p) == _precision(cell)] or [p for p in same if not _reduced(p)]
+    return min(matching, key=lambda p: p["median_ms"], default=None)
+
+
+def _span(values, digits, unit):
+    """"low-high" + unit, or one value where the two print the same."""
+    low, high = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+    return (low if low == high else f"{low}-{high}") + unit
+
+
+def _ms(ms):
+    return f"{ms:.2f}" if ms < 10 else f"{ms:.1f}"  # millisecond models keep two digits
+
+
+TIMED_AGAINST_PEER = ("in alternation", "same run", "another run")  # how a summary ratio was timed, best first
+
+
+def summary(results):
+    """Markdown: per machine, preset, batch and precision, our route with the best median ratio to
+    the peer over every run given, and the range of that ratio over the runs.
+
+    A cell timed in alternation with its peer (`--paired`) is compared in those rounds; otherwise
+    with the fastest peer of its own run, else of another run on the same machine (drift between
+    runs enters that ratio; the column says which). The peer is one that ran in the cell's
+    precision where there is one, else a float32 one."""
+    runs = [(_machine(run_["device"]), run_) for data in results for run_ in data["runs"]]
+    peers_on = {}
+    for machine, run_ in runs:
+        peers_on.setdefault(machine, []).extend(run_.get("peers", []))
+    routes = {}  # (machine, preset, batch, precision, route) -> [(ratio, how timed, peer, cell)]
+    for machine, run_ in runs:
+        for c in run_["cells"]:
+            key = (machine, c["preset"], c["batch"], _precision(c), f"{c['backend']} {c['mode']}")
+            if "paired_peer_ms" in c:
+                routes.setdefault(key, []).append((c["paired_peer_ms"] / c["median_ms"], "in alternation", c["paired_peer"], c))
+                continue
+            for how, pool in (("same run", run_.get("peers", [])), ("another run", peers_on[machine])):
+                peer = _fastest_peer(pool, c)
+                if peer:
+                    routes.setdefault(key, []).append((peer["median_ms"] / c["median_ms"], how, peer["peer"], c))
+                    break
+    best = {}
+    for key, measured in routes.items():
+        ratio = statistics.median(m[0] for m in measured)
+        if key[:4] not in best or ratio > best[key[:4]][0]:
+            best[key[:4]] = (ratio, key[4], measured)
+    lines = [
+        "| machine | preset | batch | precision | our best route | runs | ms (median of the runs) | % of GEMM peak "
+        "| peer | peer time / our time | timed against the peer | error / output range |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for group in sorted(best, key=lambda g: (g[0], g[1], g[2], g[3] != "float32", g[3])):
+        machine, preset, batch, precision = group
+        _, route, measured = best[group]
+        cells = [m[3] for m in measured]
+        # int8 has no measured peak of its own; against the float32 one it reads over 100%
+        peak = "-" if precision == "int8" else _span([100 * c["fraction_of_peak"] for c in cells], 0, "%")
+        errors = [c["max_rel_error"] for c in cells if "max_rel_error" in c]
+        lines.append(
+            f"| {machine} | {preset} | {batch} | {precision} | {route} | {len(cells)} | "
+            f"{_ms(statistics.median(c['median_ms'] for c in cells))} | {peak} | "
+            f"{', '.join(sorted({m[2] for m in measured}))} | {_span([m[0] for m in measured], 2, 'x')} | "
+            f"{', '.join(how for how in TIMED_AGAINST_PEER if how in {m[1] for m in measured})} | {f'{max(errors):.1e}' if errors else '-'} |"
+        )
+    return "\n".join(lines)
+
+
 def report(paths, markdown_out=None, plot_out=None):
-    """Merge result files (several machines) into a Markdown matrix (and a PNG plot)."""
+    """Merge result files (several machines) into one Markdown document (and a PNG plot): the
+    files it came from, the `summary` of our best routes, then every cell and the peers."""
     lines = [
         "| machine | preset | backend | mode | batch | median ms | spread ms | compile s | peak RSS MB | peak device MB | GFLOP | GFLOP/s | % of GEMM peak |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -732,7 +809,12 @@ def report(paths, markdown_out=None, plot_out=None):
         lines += ["", "Not measured:", ""] + [
             f"- {machine}: {f['preset']} {f['mode']}, batch {', '.join(map(str, f['batches']))}: {f['error']}" for machine, f in failed
         ]
-    table = "\n".join(lines)
+    names = ", ".join(Path(path).name for path in paths)
+    table = "\n".join([
+        f"Merged from: {names}", "",
+        "Our best route per machine, preset, batch and precision: the highest median ratio to the peer (its range over the runs):", "",
+        summary(results), "", "Every cell:", "",
+    ] + lines)
     if markdown_out:
         Path(markdown_out).write_text(table + "\n")
     if plot_out and rows:

@@ -1,5 +1,6 @@
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -158,7 +159,8 @@ def test_report_compares_a_peer_with_our_best_cell_of_its_precision(tmp_path):
     peers = [dict(preset="p", batch=1, peer="ref", mode="eager", median_ms=30.0),
              dict(preset="p", batch=1, peer="ref", mode="eager bfloat16", median_ms=10.0, peak_gflops=1000.0)]
     path = _result_file(tmp_path / "r.json", cells, peers, accelerators=["GPU X"])
-    rows = [line for line in bench.report([path]).splitlines() if "| ref |" in line]
+    table = bench.report([path])
+    rows = [line for line in table.split("Every cell:")[1].splitlines() if "| ref |" in line]
     # float32 peer: our float32 cell (30 / 20), and our bfloat16 cell in the reduced-precision columns (30 / 5)
     assert "| jax compiled | 20.0 | 1.50x | compiled bfloat16 | 5.0 | 6.00x | 1.0e-02 |" in rows[0]
     assert rows[0].startswith("| cpu x2 + GPU X |")
@@ -225,8 +227,47 @@ def test_paired_cells_carry_the_peer_timed_in_the_same_rounds(tmp_path):
     (digits,) = bench.run_cells(["perceiver_digits"], [1], 2, ["eager"], peaks, paired=True)
     assert "paired_peer_ms" not in digits  # no peer to pair with
     path = _result_file(tmp_path / "r.json", [cell, digits], [])
-    rows = [line for line in bench.report([path]).splitlines() if "flamingo_pytorch.PerceiverResampler" in line]
+    table = bench.report([path]).split("Every cell:")[1]
+    rows = [line for line in table.splitlines() if "flamingo_pytorch.PerceiverResampler" in line]
     ratio = cell["paired_peer_ms"] / cell["median_ms"]
     assert rows == [f"| cpu x2 | small_flamingo_resampler | 1 | {keras.backend.backend()} eager "
                     f"| {cell['median_ms']:.1f} | {cell['spread_ms']:.1f} | flamingo_pytorch.PerceiverResampler "
                     f"| {cell['paired_peer_ms']:.1f} | {cell['paired_peer_spread_ms']:.1f} | {ratio:.2f}x |"]
+
+
+def _summary_rows(*runs):
+    results = [{"runs": [dict(device={"cpu": "cpu", "threads": 2, "accelerators": []}, gemm_peak_gflops=100.0,
+                              cells=cells, peers=peers) for cells, peers in runs]}]
+    return bench.summary(results).splitlines()[2:]
+
+
+def test_summary_keeps_per_precision_the_route_with_the_best_median_ratio_and_its_range():
+    peer = dict(preset="p", batch=1, peer="ref", mode="eager", median_ms=30.0)
+    slow_peer = dict(peer, median_ms=60.0)
+    cells = [_synthetic_cell("compiled", 20.0), _synthetic_cell("eager", 25.0),
+             _synthetic_cell("onnx dynamic_int8", 10.0, max_rel_error=0.02)]
+    # a second run: the compiled cell paired with the peer in alternation; an eager cell with no peer in its run
+    paired = _synthetic_cell("compiled", 15.0, paired_peer="ref", paired_peer_ms=45.0, paired_peer_spread_ms=1.0)
+    rows = _summary_rows((cells, [slow_peer, peer]), ([paired, _synthetic_cell("eager", 10.0)], []))
+    float32, int8 = rows
+    # compiled: 30 / 20 (the fastest peer of its run) and 45 / 15 in the rounds, median 2.25; eager: 30 / 25 in its
+    # run and 30 / 10 against a peer of another run on the same machine, median 1.85: compiled is kept
+    assert float32 == ("| cpu x2 | p | 1 | float32 | jax compiled | 2 | 17.5 | 50-67% | ref | 1.50-3.00x "
+                       "| in alternation, same run | - |")
+    # int8 against the float32 peer; no % of a peak (none is measured in int8)
+    assert int8 == "| cpu x2 | p | 1 | int8 | jax onnx dynamic_int8 | 1 | 10.0 | - | ref | 3.00x | same run | 2.0e-02 |"
+    # a cell with no peer on its machine has no ratio and no row
+    assert _summary_rows(([_synthetic_cell("compiled", 20.0)], [])) == []
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def test_the_committed_matrix_and_the_readme_summary_are_generated_from_the_committed_results():
+    """No row is typed by hand: matrix.md is `bench-report` of the files it names, and the README
+    carries its summary table as generated."""
+    matrix = (RESULTS / "matrix.md").read_text()
+    names = matrix.splitlines()[0].removeprefix("Merged from: ").split(", ")
+    assert matrix == bench.report([RESULTS / name for name in names]) + "\n"
+    summary = bench.summary([json.loads((RESULTS / name).read_text()) for name in names])
+    assert summary in (Path(__file__).resolve().parents[1] / "README.md").read_text()
