@@ -1,6 +1,7 @@
 """`keras-perceiver bench`: latency, compile time, memory and achieved FLOP/s per preset x
 backend x mode, against a float32 GEMM peak measured in the same run; `report` merges
-result files from several machines into one Markdown matrix and a PNG plot.
+result files from several machines into one Markdown matrix, opened by a `summary` of our
+best routes against the originals, and a PNG plot.
 
 Each backend runs in its own process (the backend is fixed at import). Presets are built
 at their real sizes with random weights unless they ship weights.

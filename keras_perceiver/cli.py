@@ -109,7 +109,7 @@ def main(argv=None):
     bench.add_argument("--out", default="bench.json")
     bench.add_argument("--overwrite", action="store_true", help="replace existing result files")
 
-    bench_report = commands.add_parser("bench-report", help="merge bench JSON files into a Markdown matrix and a PNG")
+    bench_report = commands.add_parser("bench-report", help="merge bench JSON files into a Markdown matrix (opening with our best route per preset against the originals) and a PNG")
     bench_report.add_argument("files", nargs="+")
     bench_report.add_argument("--markdown", default=None)
     bench_report.add_argument("--plot", default=None)
