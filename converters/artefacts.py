@@ -370,7 +370,7 @@ def _coreml(model, job):
 
 def _runner(target, out, quantize=None):
     """-> function(inputs dict) -> {output name: NumPy array}, in the artefact's runtime
-    (an OpenVINO artefact in bf16 where `quantize` is "bfloat16")."""
+    (an OpenVINO artefact in bf16 where `quantize` is "bfloat16"; CoreML's on macOS only)."""
     import numpy as np
 
     if target == "saved_model":
@@ -397,6 +397,16 @@ def _runner(target, out, quantize=None):
         names = [i.name for i in session.get_inputs()]  # the model's input names
         outputs = [o.name for o in session.get_outputs()]
         return lambda x: dict(zip(outputs, session.run(None, {n: x[n] for n in names})))
+    if target == "coreml":
+        import platform
+
+        if platform.system() != "Darwin":
+            raise RuntimeError(f"coreml: predictions need macOS (the CoreML runtime); this system is {platform.system()}")
+        import coremltools as ct
+
+        mlmodel = ct.models.MLModel(out)  # compute units: all (CPU, GPU, Neural Engine), as an app loads it
+        # the file's masks are float inputs (CoreML has no bool inputs)
+        return lambda x: mlmodel.predict({k: v.astype("float32") if v.dtype == bool else v for k, v in x.items()})
     if target == "openvino":
         import openvino as ov
 
@@ -474,12 +484,9 @@ def worker(job):
                     got = outputs_to_numpy(keras.tree.map_structure(lambda t: t.detach().numpy(), got))
                     sets.append((outputs_to_numpy(model(inputs)), got, inputs))
                 if platform.system() == "Darwin":
-                    import coremltools as ct
-
-                    mlmodel = ct.models.MLModel(job["out"])
+                    run = _runner(target, job["out"])
                     for expected, _, inputs in list(sets):
-                        feed = {n: v.astype("float32") if v.dtype == bool else v for n, v in inputs.items()}
-                        sets.append((expected, select_outputs(mlmodel.predict(feed), output_keys(model), target), inputs))
+                        sets.append((expected, select_outputs(run(inputs), output_keys(model), target), inputs))
                     notes = (notes + "; " if notes else "") + "CoreML predictions checked on macOS"
                 else:
                     notes = (notes + "; " if notes else "") + (

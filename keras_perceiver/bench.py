@@ -109,28 +109,56 @@ def bfloat16_gemm_peak(max_size=2048, repeats=5):
     return 2 * size**3 / min(_timed(lambda: a @ b) for _ in range(repeats)) / 1e9
 
 
+def torch_accelerator():
+    """The GPU PyTorch computes on here, the one Keras' torch backend also places tensors on:
+    "cuda", "mps" (Apple silicon), or None."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return None
+
+
+def synchronize(device):
+    """Wait for the work queued on PyTorch's `device` ("cuda" or "mps"): their calls return
+    before the GPU has finished."""
+    import torch
+
+    getattr(torch, device).synchronize()
+
+
 def accelerator_gemm_peaks(size=8192, repeats=10):
-    """Float32 and bfloat16 (size x size) matmul rates of the first CUDA GPU, GFLOP/s, through
-    PyTorch (float32 without TF32: the precision float32 cells run in); {} without one."""
+    """Float32 and bfloat16 (size x size) matmul rates of the GPU (`torch_accelerator`),
+    GFLOP/s, through PyTorch (float32 without TF32: the precision float32 cells run in); {}
+    without one. A precision the GPU cannot multiply (bfloat16 on older macOS) has no entry."""
     try:
         import torch
     except ImportError:
         return {}
-    if not torch.cuda.is_available():
+    device = torch_accelerator()
+    if device is None:
         return {}
     torch.backends.cuda.matmul.allow_tf32 = False
-    generator = torch.Generator(device="cuda").manual_seed(0)
+    generator = torch.Generator().manual_seed(0)  # drawn on the CPU: MPS has no generator of its own in older PyTorch
     peaks = {}
     for dtype in ("float32", "bfloat16"):
-        a, b = (torch.rand(size, size, generator=generator, device="cuda", dtype=getattr(torch, dtype)) for _ in range(2))
-        (a @ b).sum().item()  # warm-up: cuBLAS handles and kernel choice stay out of the timing
+        try:
+            a, b = (torch.rand(size, size, generator=generator).to(device, getattr(torch, dtype)) for _ in range(2))
+            (a @ b).sum().item()  # warm-up: library handles and kernel choice stay out of the timing
+        except (RuntimeError, TypeError) as error:
+            if dtype == "float32":
+                raise
+            print(f"bench: no {dtype} GEMM peak on {device}: {error}", file=sys.stderr, flush=True)
+            continue
         times = []
         for _ in range(repeats):
-            torch.cuda.synchronize()
-            times.append(_timed(lambda: (a @ b, torch.cuda.synchronize())))
+            synchronize(device)
+            times.append(_timed(lambda: (a @ b, synchronize(device))))
         peaks[dtype] = 2 * size**3 / statistics.median(times) / 1e9
         del a, b
-    torch.cuda.empty_cache()
+    getattr(torch, device).empty_cache()
     return peaks
 
 
@@ -181,14 +209,19 @@ def _measured(fn, name, batch, repeats, paired):
 
 
 def device_description():
+    """The CPU by name ("AMD EPYC ...", "Apple M2 Pro"), its threads and the system."""
     cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    if platform.system() == "Darwin":  # the chip's name ("arm" is all platform.processor() says)
+        named = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
+        cpu = named.stdout.strip() or cpu
+    else:
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
     return {"cpu": cpu, "threads": os.cpu_count(), "system": platform.system()}
 
 
@@ -231,16 +264,16 @@ def wait_for(outputs):
 
         return jax.block_until_ready(outputs)
     if backend == "torch":
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        device = torch_accelerator()
+        if device:
+            synchronize(device)
         return outputs
     return keras.tree.map_structure(keras.ops.convert_to_numpy, outputs)
 
 
 def device_peak_memory_mb():
-    """Peak accelerator memory the process has allocated so far, MB; None on CPU."""
+    """Peak accelerator memory the process has allocated so far, MB; None on the CPU and on
+    Apple's MPS (PyTorch keeps no peak there)."""
     import keras
 
     backend = keras.backend.backend()
@@ -479,41 +512,55 @@ def _cell(preset, backend, mode, batch, times, compile_s, flops, peak, **extra):
 
 
 # A bench target option that is not a quantization: the file traced at the bench inputs'
-# shapes, every axis fixed (ONNX: the torch.export route; no shape arithmetic left in the graph).
+# shapes, every axis fixed (the torch.export routes, ONNX and CoreML: no shape arithmetic left
+# in the graph).
 STATIC = "static"
 
 
 def artefact_options():
     """{target: its `target:option` choices} for the bench: every target whose runtime runs
-    here (not CoreML, macOS only) with its quantizations, and "static" for ONNX."""
+    here (CoreML's only on macOS) with its quantizations, and "static" for ONNX and CoreML."""
     from keras_perceiver.converters.artefacts import QUANTIZE, ROUTES
 
-    options = {target: list(QUANTIZE.get(target, ())) for target in ROUTES if target != "coreml"}
-    options["onnx"].append(STATIC)
-    return options
+    here = [t for t in ROUTES if t != "coreml" or platform.system() == "Darwin"]
+    return {t: list(QUANTIZE.get(t, ())) + ([STATIC] if t in ("onnx", "coreml") else []) for t in here}
 
 
-def run_artefacts(presets, targets, batches, repeats, peaks, paired=False):
+def export_bench_model(name, target, path, inputs, static=False, quantize=None, model=None):
+    """Export bench model `name` to `target` at `path`, verified against Keras on the way: a
+    preset from its own files, a small configuration from `model` (default: converted anew
+    from its seeded peer). `static`: every axis fixed at the shapes of `inputs`. Returns the
+    export's report."""
+    from keras_perceiver.converters.artefacts import export
+
+    source = name if name not in SMALL_PEERS else model if model is not None else bench_model(name)
+    shapes = {n: v.shape for n, v in inputs.items()} if static else None
+    return export(source, target, path, input_shapes=shapes, dynamic=not static, quantize=quantize)
+
+
+def run_artefacts(presets, targets, batches, repeats, peaks, paired=False, gpu_peak=None):
     """Cells for exported artefacts: each bench model exported to each `target[:option]`
     (option: a quantization, or "static" for a file per batch with every axis fixed; verified
-    against Keras on the way), then timed in its runtime (on the CPU) on the bench inputs;
-    bfloat16 artefacts are measured against `peaks["bfloat16"]`, the others `peaks["float32"]`.
+    against Keras on the way), then timed in its runtime on the bench inputs; bfloat16
+    artefacts are measured against `peaks["bfloat16"]`, the others `peaks["float32"]`, CoreML's
+    against the higher of that and `gpu_peak` (CoreML may schedule them on an Apple GPU).
     Returns (cells, failures): an export that fails (e.g. a quantized file over its error
     bound) is reported on stderr and in `failures` with its reason, and the run goes on.
     `paired`: each cell is timed in alternation with the float32 peer (`paired_peer_ms`)."""
-    from keras_perceiver.converters.artefacts import SUFFIXES, _runner, export
+    from keras_perceiver.converters.artefacts import SUFFIXES, _runner
 
     cells, failures = [], []
     for name in presets:
         model = bench_model(name)
         flops = {batch: forward_flops(model, bench_inputs(name, batch)) for batch in batches}
-        source = model if name in SMALL_PEERS else name  # a preset exports from its own files
         for spec in targets:
             target, _, option = spec.partition(":")
             static = option == STATIC
             quantize = None if static or not option else option
             mode = target + (f" {option}" if option else "")
             cell_peak = peaks["bfloat16" if quantize == "bfloat16" else "float32"]
+            if target == "coreml":
+                cell_peak = max(cell_peak, gpu_peak or 0)
             with tempfile.TemporaryDirectory() as work:
                 report = export_s = None
                 for batch in batches:
@@ -521,9 +568,8 @@ def run_artefacts(presets, targets, batches, repeats, peaks, paired=False):
                     path = Path(work) / f"{name}_{batch if static else 'any'}{SUFFIXES[target]}"
                     if static or report is None:
                         start = time.perf_counter()
-                        shapes = {n: v.shape for n, v in inputs.items()} if static else None
                         try:
-                            report = export(source, target, path, input_shapes=shapes, dynamic=not static, quantize=quantize)
+                            report = export_bench_model(name, target, path, inputs, static, quantize, model)
                         except RuntimeError as error:
                             reason = str(error).strip().splitlines()[-1]
                             print(f"bench: {name} {mode} not measured: {reason}", file=sys.stderr, flush=True)
@@ -537,7 +583,7 @@ def run_artefacts(presets, targets, batches, repeats, peaks, paired=False):
                     times, extra = _measured(lambda: run(inputs), name, batch, repeats, paired)
                     cells.append(_cell(name, "artefact", mode, batch, times, export_s, flops[batch], cell_peak,
                                        max_rel_error=report.max_rel_error, **extra))
-        del model, source
+        del model
     return cells, failures
 
 
@@ -558,7 +604,8 @@ def main_worker(job):
                       paired) if job["modes"] else []
     failures = []
     if job.get("targets"):
-        artefact_cells, failures = run_artefacts(job["presets"], job["targets"], job["batches"], job["repeats"], cpu_peaks, paired)
+        artefact_cells, failures = run_artefacts(job["presets"], job["targets"], job["batches"], job["repeats"], cpu_peaks, paired,
+                                                 gpu_peak=(job.get("accelerator_peaks") or {}).get("float32"))
         cells += artefact_cells
     peers = run_peers(job["presets"], job["batches"], job["repeats"], dtypes=dtypes, peaks=peaks, accelerated=accelerated) if job.get("peers") else []
     samples.append(gemm_peaks())
@@ -628,6 +675,10 @@ def run(presets, backends, batches=(1,), repeats=5, modes=("eager", "compiled"),
     results = {"device": device_description(), "runs": []}
     peaks = gemm_peaks()
     accelerator_peaks = accelerator_gemm_peaks()
+    missing = [d for d in dtypes if accelerator_peaks and d not in accelerator_peaks]
+    if missing:
+        raise ValueError(f"bench: `dtypes` {missing} cannot be multiplied on this GPU ({torch_accelerator()}); "
+                         f"received {list(dtypes)}: run with --dtypes float32")
     wants_bf16 = "bfloat16" in dtypes or any(t.endswith(":bfloat16") for t in targets)
     bf16_peak = bfloat16_gemm_peak() if wants_bf16 else None
     total = len(backends)
@@ -921,7 +972,7 @@ def run_peers(presets, batches, repeats, compiled=False, dtypes=("float32",), pe
     (inputs moved there first, each call timed to completion)."""
     import torch
 
-    device = "cuda" if accelerated else "cpu"
+    device = torch_accelerator() if accelerated else "cpu"
     cells = []
     for name in presets:
         # the peer a paired cell already built (seeded: the same weights) is taken and released
@@ -936,7 +987,7 @@ def run_peers(presets, batches, repeats, compiled=False, dtypes=("float32",), pe
                 args = [a.to(device, getattr(torch, dtype)) if a.is_floating_point() else a.to(device)
                         for a in to_torch(bench_inputs(name, batch))]
                 forward = peer_call(fn, model, args)
-                call = (lambda: (forward(), torch.cuda.synchronize())) if accelerated else forward  # noqa: E731
+                call = (lambda: (forward(), synchronize(device))) if accelerated else forward  # noqa: E731
                 with torch.no_grad():
                     compile_s = _timed(call)
                     times = [_timed(call) for _ in range(repeats)]

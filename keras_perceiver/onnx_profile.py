@@ -120,8 +120,6 @@ def run(name, batch=1, onnx_path=None, quantize=None, static=False, runs=3, out=
     the preset exported to a temporary one (verified on the way; `static`: every axis fixed,
     `quantize`: e.g. "dynamic_int8"). The GEMM peak is sampled before and after, and the
     highest sample is used. Returns the summary; writes it as JSON to `out` when given."""
-    from keras_perceiver.converters.artefacts import export
-
     if runs < 1:
         raise ValueError(f"bench-profile: `runs` must be a positive integer; received {runs}")
     inputs = bench.bench_inputs(name, batch)
@@ -129,10 +127,8 @@ def run(name, batch=1, onnx_path=None, quantize=None, static=False, runs=3, out=
     given = onnx_path
     with tempfile.TemporaryDirectory() as work:
         if given is None:
-            source = bench.bench_model(name) if name in bench.SMALL_PEERS else name  # a preset exports from its own files
             onnx_path = os.path.join(work, f"{name}.onnx")
-            shapes = {n: v.shape for n, v in inputs.items()} if static else None
-            export(source, "onnx", onnx_path, input_shapes=shapes, dynamic=not static, quantize=quantize)
+            bench.export_bench_model(name, "onnx", onnx_path, inputs, static, quantize)
         events = profile_events(onnx_path, inputs, runs)
     samples.append(bench.gemm_peaks())
     peak = bench.highest_peak(samples)

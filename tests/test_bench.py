@@ -170,9 +170,69 @@ def test_report_compares_a_peer_with_our_best_cell_of_its_precision(tmp_path):
 
 def test_no_accelerator_peaks_without_a_gpu():
     torch = pytest.importorskip("torch")
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a CUDA GPU; the check is for one without")
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        pytest.skip("this machine has a CUDA or Apple (MPS) GPU; the check is for one without")
+    assert bench.torch_accelerator() is None
     assert bench.accelerator_gemm_peaks() == {}
+
+
+def test_bench_refuses_bfloat16_on_a_gpu_without_a_bfloat16_peak(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "accelerator_gemm_peaks", lambda: {"float32": 1000.0})  # e.g. MPS before macOS 14
+    monkeypatch.setattr(bench, "torch_accelerator", lambda: "mps")
+    with pytest.raises(ValueError, match=r"`dtypes` \['bfloat16'\] cannot be multiplied on this GPU \(mps\)"):
+        bench.run(["perceiver_digits"], ["jax"], out=tmp_path / "b.json", dtypes=["float32", "bfloat16"])
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_device_description_names_the_apple_chip_on_macos(monkeypatch):
+    calls = []
+
+    def sysctl(command, **kwargs):
+        calls.append(command)
+        return bench.subprocess.CompletedProcess(command, 0, stdout="Apple M2 Pro\n", stderr="")
+
+    monkeypatch.setattr(bench.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(bench.platform, "processor", lambda: "arm")
+    monkeypatch.setattr(bench.subprocess, "run", sysctl)
+    assert bench.device_description()["cpu"] == "Apple M2 Pro"
+    assert calls == [["sysctl", "-n", "machdep.cpu.brand_string"]]
+
+
+def test_coreml_is_a_bench_target_on_macos_only(monkeypatch):
+    import platform
+
+    here = bench.artefact_options()
+    assert ("coreml" in here) == (platform.system() == "Darwin")
+    assert here["onnx"] == ["dynamic_int8", "static"] and here["openvino"] == ["bfloat16"]
+    monkeypatch.setattr(bench.platform, "system", lambda: "Darwin")
+    assert bench.artefact_options()["coreml"] == ["static"]
+
+
+def test_coreml_predictions_off_macos_say_they_need_it():
+    import platform
+
+    from keras_perceiver.converters.artefacts import _runner
+
+    if platform.system() == "Darwin":
+        pytest.skip("checks the error raised off macOS; on macOS CoreML predicts")
+    with pytest.raises(RuntimeError, match=r"coreml: predictions need macOS \(the CoreML runtime\); this system is "):
+        _runner("coreml", "model.mlpackage")
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="exports run in their own process; once, in the torch pass")
+def test_coreml_cells_on_macos(tmp_path):
+    import platform
+
+    if platform.system() != "Darwin":
+        pytest.skip("CoreML predictions need macOS (the CoreML runtime)")
+    pytest.importorskip("coremltools", reason="needs the export extra (coremltools)")
+    cells, failures = bench.run_artefacts(["perceiver_digits"], ["coreml", "coreml:static"], [1, 2], 2,
+                                          {"float32": 100.0, "bfloat16": 100.0}, gpu_peak=1000.0)
+    assert failures == []
+    assert [(c["mode"], c["batch"]) for c in cells] == [("coreml", 1), ("coreml", 2), ("coreml static", 1), ("coreml static", 2)]
+    for cell in cells:
+        # CoreML may schedule on the GPU: the higher of the two float32 peaks
+        assert cell["median_ms"] > 0 and cell["max_rel_error"] < 1e-3 and cell["peak_gflops"] == 1000.0
 
 
 def test_a_higher_peak_sampled_later_re_measures_the_cells_against_it():
