@@ -162,6 +162,26 @@ def accelerator_gemm_peaks(size=8192, repeats=10):
     return peaks
 
 
+def jax_gemm_peaks(device, size=8192, repeats=10):
+    """Float32 (at "highest" precision, as float32 cells run) and bfloat16 (size x size) matmul
+    rates of a JAX `device`, GFLOP/s: the peaks of an accelerator PyTorch does not see (a TPU).
+    Measured in the JAX backend's own process, the one that holds the device."""
+    import jax
+    import jax.numpy as jnp
+
+    product = jax.jit(lambda a, b: a @ b)
+    peaks = {}
+    with jax.default_matmul_precision("highest"):
+        for dtype in ("float32", "bfloat16"):
+            a, b = (jax.device_put(jnp.asarray(np.random.default_rng(seed).random((size, size), dtype=np.float32), dtype), device)
+                    for seed in (0, 1))
+            product(a, b).block_until_ready()  # compiles
+            times = [_timed(lambda: product(a, b).block_until_ready()) for _ in range(repeats)]
+            peaks[dtype] = 2 * size**3 / statistics.median(times) / 1e9
+            del a, b
+    return peaks
+
+
 def _timed(fn):
     start = time.perf_counter()
     fn()
@@ -591,13 +611,19 @@ def main_worker(job):
     import keras
 
     found = accelerators()
-    accelerated = bool(found and job.get("accelerator_peaks"))
+    accelerator_peaks = job.get("accelerator_peaks") or {}
+    if found and not accelerator_peaks and keras.backend.backend() == "jax":
+        import jax
+
+        # a device PyTorch does not see (a TPU): its peaks through JAX, in this process, which holds it
+        accelerator_peaks = jax_gemm_peaks(next(d for d in jax.devices() if d.platform != "cpu"))
+    accelerated = bool(found and accelerator_peaks)
     samples = [job["gemm_peaks"], gemm_peaks()]  # the run's start, this process's start (and its end, below)
     cpu_peak = highest_peak(samples)
     # each cell is measured against the peak of the unit and precision it runs in
     # (a CPU without bfloat16 units computes bfloat16 products fastest through float32)
     cpu_peaks = {"float32": cpu_peak, "bfloat16": max(job.get("bfloat16_peak") or 0, cpu_peak)}
-    peaks = dict(job["accelerator_peaks"]) if accelerated else cpu_peaks
+    peaks = dict(accelerator_peaks) if accelerated else cpu_peaks
     dtypes = job.get("dtypes", ["float32"])
     paired = job.get("paired", False)
     cells = run_cells(job["presets"], job["batches"], job["repeats"], job["modes"], peaks, dtypes, accelerated,
@@ -605,7 +631,7 @@ def main_worker(job):
     failures = []
     if job.get("targets"):
         artefact_cells, failures = run_artefacts(job["presets"], job["targets"], job["batches"], job["repeats"], cpu_peaks, paired,
-                                                 gpu_peak=(job.get("accelerator_peaks") or {}).get("float32"))
+                                                 gpu_peak=accelerator_peaks.get("float32"))
         cells += artefact_cells
     peers = run_peers(job["presets"], job["batches"], job["repeats"], dtypes=dtypes, peaks=peaks, accelerated=accelerated) if job.get("peers") else []
     samples.append(gemm_peaks())
@@ -624,7 +650,7 @@ def main_worker(job):
                 "gemm_peak_gflops": peaks["float32"],
                 "gemm_peaks_gflops": job["gemm_peaks"],
                 "gemm_peak_samples_gflops": samples,
-                "accelerator_gemm_peaks_gflops": job.get("accelerator_peaks") or {},
+                "accelerator_gemm_peaks_gflops": accelerator_peaks,
                 "bfloat16_gemm_peak_gflops": peaks["bfloat16"],
                 "torch_cpu_bfloat16_matmul_gflops": job.get("bfloat16_peak"),
                 "cells": cells,

@@ -184,6 +184,16 @@ def test_bench_refuses_bfloat16_on_a_gpu_without_a_bfloat16_peak(tmp_path, monke
     assert not (tmp_path / "b.json").exists()
 
 
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the JAX-measured peak runs in the JAX process")
+def test_jax_measures_both_peaks_of_a_device_it_holds():
+    import jax
+
+    # on a TPU it is the TPU; the CPU here takes the same path
+    peaks = bench.jax_gemm_peaks(jax.devices("cpu")[0], size=256, repeats=3)
+    assert sorted(peaks) == ["bfloat16", "float32"]
+    assert all(0 < rate < 1e7 for rate in peaks.values()), peaks
+
+
 def test_device_description_names_the_apple_chip_on_macos(monkeypatch):
     calls = []
 
