@@ -152,11 +152,8 @@ def accelerator_gemm_peaks(size=8192, repeats=10):
                 raise
             print(f"bench: no {dtype} GEMM peak on {device}: {error}", file=sys.stderr, flush=True)
             continue
-        times = []
-        for _ in range(repeats):
-            synchronize(device)
-            times.append(_timed(lambda: (a @ b, synchronize(device))))
-        peaks[dtype] = 2 * size**3 / statistics.median(times) / 1e9
+        synchronize(device)
+        peaks[dtype] = _median_matmul_rate(lambda: (a @ b, synchronize(device)), size, repeats)
         del a, b
     getattr(torch, device).empty_cache()
     return peaks
@@ -176,10 +173,15 @@ def jax_gemm_peaks(device, size=8192, repeats=10):
             a, b = (jax.device_put(jnp.asarray(np.random.default_rng(seed).random((size, size), dtype=np.float32), dtype), device)
                     for seed in (0, 1))
             product(a, b).block_until_ready()  # compiles
-            times = [_timed(lambda: product(a, b).block_until_ready()) for _ in range(repeats)]
-            peaks[dtype] = 2 * size**3 / statistics.median(times) / 1e9
+            peaks[dtype] = _median_matmul_rate(lambda: product(a, b).block_until_ready(), size, repeats)
             del a, b
     return peaks
+
+
+def _median_matmul_rate(call, size, repeats):
+    """GFLOP/s of `call`, a (size x size) matmul on an accelerator that returns once it is done,
+    over the median of `repeats` calls (the accelerators' peaks; the CPU's is a best of bursts)."""
+    return 2 * size**3 / statistics.median(_timed(call) for _ in range(repeats)) / 1e9
 
 
 def _timed(fn):
