@@ -19,12 +19,15 @@ def convert_checkpoint(source, out, num_heads=8, overwrite=False):
     or a transformers Perceiver checkpoint (a `save_pretrained` directory or a hub id,
     which needs the hub to be reachable).
     """
-    from keras_perceiver.presets import save_to_preset
+    from keras_perceiver.presets import is_preset_directory, save_to_preset
+    from keras_perceiver.storage import check_target
 
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"convert: {str(out)!r} exists; pass overwrite=True (--overwrite) to replace it")
+    # checked before the (long) conversion; save_to_preset checks again before it writes
+    protected = [source] if Path(source).exists() else ()
+    out = check_target(out, "convert", overwrite, is_preset_directory, sources=protected)
     if str(source).endswith(STATE_DICT_SUFFIXES):
+        if not Path(source).is_file():
+            raise ValueError(f"convert: `source` {str(source)!r} looks like a state dict file but does not exist")
         import torch
 
         from keras_perceiver.converters.flamingo import resampler_from_state_dict
@@ -35,4 +38,4 @@ def convert_checkpoint(source, out, num_heads=8, overwrite=False):
         from keras_perceiver.converters.transformers_perceiver import from_transformers
 
         model = from_transformers(str(source))
-    return save_to_preset(model, out, overwrite=overwrite, source=str(source))
+    return save_to_preset(model, out, overwrite=overwrite, source=str(source), protected=protected)

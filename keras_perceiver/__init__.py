@@ -1,6 +1,6 @@
 """keras_perceiver: the Perceiver family written once in Keras 3."""
 
-__version__ = "0.1.0"
+from keras_perceiver.version import __version__  # noqa: F401
 
 from keras_perceiver import layers, models
 from keras_perceiver.models import (

@@ -49,7 +49,7 @@ def _refuse_existing(parser, args, **paths):
             parser.error(f"--{flag}: expected a new path, or --overwrite to replace it; received existing {path}")
 
 
-def main(argv=None):
+def _run(argv=None):
     parser = argparse.ArgumentParser(prog="keras-perceiver", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -276,6 +276,18 @@ def main(argv=None):
         demo_module.worker(args.workdir, args.reference, args.repeats, (args.models or "").split(",") if args.models else None)
         return 0
     return 2
+
+
+def main(argv=None):
+    """The command line: a user's mistake (a bad argument, a refused overwrite, a missing
+    package) ends with one line on stderr and exit code 2, never a traceback."""
+    try:
+        return _run(argv)
+    except (ValueError, FileExistsError, FileNotFoundError, ImportError) as error:
+        command = next((a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("-")), "")
+        message = " ".join(str(error).split())
+        print(f"keras-perceiver {command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -6,18 +6,21 @@ file it ships, if any). A preset directory (what `save_to_preset` writes, or a c
 checkpoint) holds `config.json`, `model.weights.h5` and `metadata.json`.
 """
 
+import dataclasses
 import difflib
 import fnmatch
 import json
 import os
 import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 import keras
 
 from keras_perceiver.models import Perceiver, PerceiverIO, PerceiverMultimodalAutoencoder, PerceiverResampler
+from keras_perceiver.models.base import make_config
+from keras_perceiver.storage import check_target, commit, new_staging_dir, restore_aside, sha256_of
+from keras_perceiver.version import __version__
 
 MODEL_CLASSES = {
     cls.__name__: cls for cls in (Perceiver, PerceiverIO, PerceiverMultimodalAutoencoder, PerceiverResampler)
@@ -57,19 +60,38 @@ def download_from_hub(handle):
     return snapshot_download(handle[len(HF_PREFIX) :])
 
 
+def _is_zoo_style_name(text):
+    return "/" not in text and os.sep not in text and not text.startswith((".", "~"))
+
+
 def resolve_preset(name_or_path, downloader=None):
-    """-> ("zoo", entry) or ("directory", Path). Raises ValueError naming close matches."""
+    """-> ("zoo", entry) or ("directory", Path). Raises ValueError naming close matches.
+
+    The rule: a bare name (no path separator, not starting with "." or "~") is a zoo name; a
+    zoo name that is also a directory here is ambiguous and raises (write "./name" for the
+    directory). Anything else is a path, or an `hf://` handle.
+    """
     name_or_path = os.fspath(name_or_path)
     entries = zoo_entries()
     if name_or_path in entries:
+        if Path(name_or_path).exists():
+            raise ValueError(
+                f"preset {name_or_path!r} is both a zoo preset and a path in the current directory; "
+                f"expected an unambiguous name: './{name_or_path}' for the directory, or run elsewhere for the zoo preset"
+            )
         return "zoo", entries[name_or_path]
     if name_or_path.startswith(HF_PREFIX):
         return "directory", Path((downloader or download_from_hub)(name_or_path))
     path = Path(name_or_path).expanduser()
+    restore_aside(path)
     if path.is_dir():
         if not (path / CONFIG_FILE).is_file():
-            raise ValueError(f"preset directory {str(path)!r} has no {CONFIG_FILE}")
+            raise ValueError(f"preset directory {str(path)!r} has no {CONFIG_FILE}; expected a directory save_to_preset wrote")
         return "directory", path
+    if path.exists():
+        raise ValueError(
+            f"preset: expected a zoo name, a preset directory or an hf:// handle; received the file {name_or_path!r}"
+        )
     close = difflib.get_close_matches(name_or_path, entries, n=3, cutoff=0.4)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     raise ValueError(
@@ -90,48 +112,109 @@ def _model_class(class_name, expected_class=None):
     return cls
 
 
+def _read_json(path, required=()):
+    """A preset's JSON file as a dict, with the keys it must hold; ValueError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"preset file {str(path)!r} is not readable JSON ({error}); re-save or re-convert the preset") from None
+    missing = [key for key in required if not isinstance(data, dict) or key not in data]
+    if missing:
+        raise ValueError(f"preset file {str(path)!r} must hold the keys {list(required)}; missing {missing}")
+    return data
+
+
+def _refuse_structural_overrides(name, cls, stored_config, overrides):
+    """Overrides that change a config field would load trained weights into another
+    architecture (or change what they mean): refused unless load_weights=False."""
+    stored = dataclasses.asdict(make_config(cls.config_class, stored_config))
+    changed = sorted(key for key, value in overrides.items() if key in stored and stored[key] != value)
+    if changed:
+        raise ValueError(
+            f"from_preset({name!r}): the override(s) {changed} change the architecture the preset's weights were "
+            f"trained for (structural: every config field); pass load_weights=False for a new model with random "
+            f"weights. Overrides that keep the weights: dtype, name"
+        )
+
+
+def _load_weights(model, weights_path, expected_sha256, where):
+    """Load `weights_path` into `model` after checking its SHA-256 against the preset's record."""
+    if expected_sha256 is not None:
+        found = sha256_of(weights_path)
+        if found != expected_sha256:
+            raise ValueError(
+                f"weights file {str(where)!r} is corrupt or truncated: its SHA-256 {found[:12]}... differs from "
+                f"{expected_sha256[:12]}... recorded in {METADATA_FILE}; re-save, re-convert or re-download the preset"
+            )
+    try:
+        model.load_weights(weights_path)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(
+            f"weights file {str(where)!r} could not be loaded into {type(model).__name__} ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); re-save or re-convert the preset"
+        ) from None
+
+
 def from_preset(name_or_path, load_weights=True, expected_class=None, **overrides):
     """Build a model from a zoo name, a preset directory or an `hf://org/name` handle.
 
-    `overrides` replace config fields (e.g. `depth=2` for a small variant). A zoo preset
-    that ships no weights only builds with `load_weights=False`.
+    `overrides` replace config fields (e.g. `depth=2` for a small variant) and need
+    `load_weights=False` when they change a field: trained weights only fit the architecture
+    they were trained for. `dtype` and `name` may always be given. A zoo preset that ships no
+    weights only builds with `load_weights=False`. Weights are checked against the SHA-256
+    their preset records before they load.
     """
     kind, source = resolve_preset(name_or_path)
     if kind == "zoo":
         cls = _model_class(source["class_name"], expected_class)
-        model = cls(source["config"], name=source["name"], **overrides)
-        if load_weights:
-            if not source.get("weights"):
-                raise ValueError(
-                    f"Preset {source['name']!r} ships no weights. Convert the original checkpoint with "
-                    f"`{source['provenance'].get('convert', 'keras-perceiver convert ...')}` and load the "
-                    f"directory it writes, or pass load_weights=False for random weights."
-                )
-            with resources.as_file(_zoo_dir() / source["weights"]) as weights_path:
-                model.load_weights(weights_path)
-        return model
-    saved = json.loads((source / CONFIG_FILE).read_text())
-    cls = _model_class(saved["class_name"], expected_class)
-    model = cls(saved["config"], **overrides)
-    if load_weights:
-        weights_path = source / WEIGHTS_FILE
-        if not weights_path.is_file():
+        config, name, weights, sha256 = source["config"], source["name"], source.get("weights"), source.get("weights_sha256")
+        if load_weights and not weights:
+            raise ValueError(
+                f"Preset {source['name']!r} ships no weights. Convert the original checkpoint with "
+                f"`{source['provenance'].get('convert', 'keras-perceiver convert ...')}` and load the "
+                f"directory it writes, or pass load_weights=False for random weights."
+            )
+    else:
+        saved = _read_json(source / CONFIG_FILE, required=("class_name", "config"))
+        cls = _model_class(saved["class_name"], expected_class)
+        config, name, weights = saved["config"], None, source / WEIGHTS_FILE
+        metadata = _read_json(source / METADATA_FILE) if (source / METADATA_FILE).is_file() else {}
+        sha256 = (metadata.get("sha256") or {}).get(WEIGHTS_FILE)
+        if load_weights and not weights.is_file():
             raise ValueError(f"preset directory {str(source)!r} has no {WEIGHTS_FILE}; pass load_weights=False")
-        model.load_weights(weights_path)
+    name = overrides.pop("name", name)
+    if load_weights:
+        _refuse_structural_overrides(str(name_or_path), cls, config, {k: v for k, v in overrides.items() if k != "dtype"})
+    model = cls(config, name=name, **overrides)
+    if load_weights:
+        if kind == "zoo":
+            with resources.as_file(_zoo_dir() / weights) as weights_path:
+                _load_weights(model, weights_path, sha256, weights_path)
+        else:
+            _load_weights(model, weights, sha256, weights)
     return model
 
 
-def save_to_preset(model, path, overwrite=False, source=None):
+def is_preset_directory(path):
+    """Whether `path` is a preset directory this project wrote (its metadata.json is ours)."""
+    metadata = Path(path) / METADATA_FILE
+    try:
+        return Path(path).is_dir() and "keras_perceiver_version" in json.loads(metadata.read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def save_to_preset(model, path, overwrite=False, source=None, protected=()):
     """Write `config.json`, `model.weights.h5` and `metadata.json` into directory `path`.
 
-    Written to a temporary directory first, then moved into place; an existing `path` is
-    replaced only with `overwrite=True`.
+    The files are written into a staging directory beside `path`, flushed and swapped into
+    place (`keras_perceiver.storage.commit`): a kill at any instant leaves the old preset or
+    the new one. An existing `path` is replaced only with `overwrite=True`, and only when it
+    is a preset this project wrote; never the current directory or one of its parents, nor a
+    directory holding `protected` paths (a checkpoint being converted).
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"save_to_preset: {str(path)!r} exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    path = check_target(path, "save_to_preset", overwrite, is_preset_directory, sources=protected)
+    staging = new_staging_dir(path)
     try:
         (staging / CONFIG_FILE).write_text(
             json.dumps({"class_name": type(model).__name__, "config": model.get_config()["config"]}, indent=2)
@@ -139,14 +222,13 @@ def save_to_preset(model, path, overwrite=False, source=None):
         model.save_weights(staging / WEIGHTS_FILE)
         metadata = {
             "keras_version": keras.version(),
-            "keras_perceiver_version": __import__("keras_perceiver").__version__,
+            "keras_perceiver_version": __version__,
             "parameter_count": model.count_params(),
             "source": source or "keras_perceiver",
+            "sha256": {WEIGHTS_FILE: sha256_of(staging / WEIGHTS_FILE)},
         }
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
-        if path.exists():
-            shutil.rmtree(path)
-        staging.rename(path)
+        commit(staging, path)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
