@@ -319,9 +319,9 @@ def load_transformers_model(model_or_path):
 
 def from_transformers(model_or_path):
     """Convert a transformers Perceiver model (instance or directory) to a keras_perceiver model."""
-    from keras_perceiver.presets import MODEL_CLASSES
+    from keras_perceiver.presets import model_classes
 
     hf_model = load_transformers_model(model_or_path)
     class_name, config = config_from_transformers(hf_model)
-    model = MODEL_CLASSES[class_name](config)
+    model = model_classes()[class_name](config)
     return assign_by_path(model, weights_from_transformers(hf_model, config))

@@ -17,14 +17,9 @@ from pathlib import Path
 
 import keras
 
-from keras_perceiver.models import Perceiver, PerceiverIO, PerceiverMultimodalAutoencoder, PerceiverResampler
-from keras_perceiver.models.base import make_config
 from keras_perceiver.storage import check_target, commit, new_staging_dir, restore_aside, sha256_of
 from keras_perceiver.version import __version__
 
-MODEL_CLASSES = {
-    cls.__name__: cls for cls in (Perceiver, PerceiverIO, PerceiverMultimodalAutoencoder, PerceiverResampler)
-}
 CONFIG_FILE, WEIGHTS_FILE, METADATA_FILE = "config.json", "model.weights.h5", "metadata.json"
 HF_PREFIX = "hf://"
 
@@ -71,6 +66,11 @@ def resolve_preset(name_or_path, downloader=None):
     zoo name that is also a directory here is ambiguous and raises (write "./name" for the
     directory). Anything else is a path, or an `hf://` handle.
     """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(
+            f"preset: expected a zoo name, a preset directory or an hf:// handle (str or path); "
+            f"received {type(name_or_path).__name__} {name_or_path!r}"
+        )
     name_or_path = os.fspath(name_or_path)
     entries = zoo_entries()
     if name_or_path in entries:
@@ -100,10 +100,24 @@ def resolve_preset(name_or_path, downloader=None):
     )
 
 
+def model_classes():
+    """{class name: class} of the models a preset may hold, read from Keras' serialization
+    registry (each model registers itself under the package "keras_perceiver"), so this
+    module imports no model. Only these classes are ever built from a preset's files."""
+    prefix = "keras_perceiver>"
+    return {
+        name[len(prefix):]: obj
+        for name, obj in keras.saving.get_custom_objects().items()
+        if name.startswith(prefix) and isinstance(obj, type) and issubclass(obj, keras.Model)
+        and getattr(obj, "config_class", None) is not None
+    }
+
+
 def _model_class(class_name, expected_class=None):
-    if class_name not in MODEL_CLASSES:
-        raise ValueError(f"preset class must be one of {sorted(MODEL_CLASSES)}; received {class_name!r}")
-    cls = MODEL_CLASSES[class_name]
+    classes = model_classes()
+    if class_name not in classes:
+        raise ValueError(f"preset class must be one of {sorted(classes)}; received {class_name!r}")
+    cls = classes[class_name]
     if expected_class is not None and not issubclass(cls, expected_class):
         raise ValueError(
             f"{expected_class.__name__}.from_preset: the preset holds a {class_name}; "
@@ -127,7 +141,11 @@ def _read_json(path, required=()):
 def _refuse_structural_overrides(name, cls, stored_config, overrides):
     """Overrides that change a config field would load trained weights into another
     architecture (or change what they mean): refused unless load_weights=False."""
-    stored = dataclasses.asdict(make_config(cls.config_class, stored_config))
+    defaults = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(cls.config_class)
+    }
+    stored = {**defaults, **stored_config}
     changed = sorted(key for key, value in overrides.items() if key in stored and stored[key] != value)
     if changed:
         raise ValueError(
@@ -213,6 +231,11 @@ def save_to_preset(model, path, overwrite=False, source=None, protected=()):
     is a preset this project wrote; never the current directory or one of its parents, nor a
     directory holding `protected` paths (a checkpoint being converted).
     """
+    if type(model) not in model_classes().values():
+        raise TypeError(
+            f"save_to_preset: `model` must be one of the keras_perceiver models {sorted(model_classes())}; "
+            f"received {type(model).__name__} (save other Keras models with model.save)"
+        )
     path = check_target(path, "save_to_preset", overwrite, is_preset_directory, sources=protected)
     staging = new_staging_dir(path)
     try:
