@@ -7,7 +7,15 @@ or a checkpoint and never import model internals: weights are matched to variabl
 
 from pathlib import Path
 
-from keras_perceiver.converters.artefacts import ROUTES, TARGETS, ExportReport, export, export_all, format_reports
+from keras_perceiver.converters.artefacts import (
+    ROUTES,
+    ExportReport,
+    ExportVerificationError,
+    export,
+    export_all,
+    format_reports,
+    read_metadata,
+)
 
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 

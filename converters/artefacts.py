@@ -3,19 +3,32 @@
 `export(model_or_preset, target, path)` works from any KERAS_BACKEND: each target goes
 through the route that converts it best (`ROUTES`, the one route table), run in a
 subprocess under the backend that route needs, from a `.keras` file or a preset.
+
+The artefact is written beside `path` (a `keras_perceiver.storage` staging directory) and
+renamed into place only once it is verified, with a metadata file `<path>.keras-perceiver.json`
+(`metadata_path`): version, target, route, quantization, weights, the report and the SHA-256
+of each file. An existing path is replaced only with `overwrite=True` and only when that
+metadata says keras_perceiver wrote it; nothing else (a user's file, the current directory,
+the preset being exported) is ever removed.
 """
 
+import builtins
 import dataclasses
+import datetime
+import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
+import traceback
 from pathlib import Path
 
-from keras_perceiver.bench import timed_runs
+import keras_perceiver
+from keras_perceiver import storage
+from keras_perceiver.timing import timed_runs
 
 # target -> (backend the conversion runs under, route, runtime that verifies it)
 ROUTES = {
@@ -25,7 +38,6 @@ ROUTES = {
     "openvino": ("tensorflow", "SavedModel -> openvino.convert_model -> Einsum as MatMul", "OpenVINO CPU (f32; bf16 with quantize='bfloat16')"),
     "coreml": ("torch", "torch.export -> run_decompositions -> coremltools mlprogram", "CoreML (macOS only)"),
 }
-TARGETS = tuple(ROUTES)
 SUFFIXES = {"saved_model": "", "tflite": ".tflite", "onnx": ".onnx", "openvino": ".xml", "coreml": ".mlpackage"}
 # modules each route needs, and the pip extra that brings them
 REQUIREMENTS = {
@@ -35,14 +47,22 @@ REQUIREMENTS = {
     "openvino": ["tensorflow", "openvino"],
     "coreml": ["torch", "coremltools"],
 }
-# openvino "bfloat16": the same float32 IR, executed with INFERENCE_PRECISION_HINT=bf16 (AMX /
-# AVX512-BF16 CPUs, where it is also OpenVINO's default); verified and timed that way.
+# openvino "bfloat16": the same float32 IR, executed with INFERENCE_PRECISION_HINT=bf16 (CPUs
+# with AVX512-BF16 or AMX, where it is also OpenVINO's default); verified and timed that way.
 QUANTIZE = {"tflite": ("dynamic_int8", "float16"), "onnx": ("dynamic_int8",), "openvino": ("bfloat16",)}
 # Bounds on a quantized artefact's max_rel_error (max abs error / max |Keras output|), unless
 # the preset's zoo file sets its own under "quantized_error_bounds". Measured values: README.
 QUANTIZED_ERROR_BOUNDS = {"float16": 0.005, "bfloat16": 0.05, "dynamic_int8": 0.15}
 FLOAT32_TOLERANCE = 1e-4
 COREML_MAX_OPEN_SIZE = 8192  # upper bound of a CoreML RangeDim where the model sets none
+METADATA_SUFFIX = ".keras-perceiver.json"
+WRITER = "keras_perceiver"
+
+
+class ExportVerificationError(ValueError, RuntimeError):
+    """The artefact was written but does not compute what the Keras model computes (an error
+    over its bound, another output shape, outputs that cannot be told apart). A ValueError,
+    and a RuntimeError as well for callers that caught the RuntimeError this used to be."""
 
 
 @dataclasses.dataclass
@@ -61,6 +81,9 @@ class ExportReport:
     verified: bool = False
     notes: str = ""
     error_bound: float = None  # on max_abs_error (float32) or max_rel_error (quantized)
+    weights: str = None  # "preset" (the preset's own), "model" (the model given) or "random"
+    runtime_config: dict = None  # what the runtime must be given to compute as verified (OpenVINO)
+    metadata_path: str = None  # the `<path>.keras-perceiver.json` written beside the artefact
 
 
 def quantized_error_bound(model_or_preset, quantize):
@@ -71,6 +94,54 @@ def quantized_error_bound(model_or_preset, quantize):
     return ((entry or {}).get("quantized_error_bounds") or {}).get(quantize, QUANTIZED_ERROR_BOUNDS[quantize])
 
 
+def quantize_problem(targets, quantize):
+    """None when `quantize` applies to every target in `targets`, else the one-line reason
+    (naming --quantize, the valid values per target and the value received)."""
+    if quantize is None:
+        return None
+    wrong = [t for t in targets if quantize not in QUANTIZE.get(t, ())]
+    if not wrong:
+        return None
+    valid = "; ".join(f"{t}: {', '.join(QUANTIZE.get(t, ())) or 'none'}" for t in ROUTES)
+    return (
+        f"export: --quantize (quantize=) {quantize!r} does not apply to {', '.join(wrong)}; valid values per "
+        f"target: {valid}; received {quantize!r}"
+    )
+
+
+def weights_problem(model_or_preset, random_weights=False):
+    """None when `model_or_preset` brings its weights (a model, a preset that ships weights, an
+    hf:// handle: checked once downloaded) or `random_weights` is set; else the reason."""
+    from keras_perceiver import presets
+
+    if not isinstance(model_or_preset, (str, os.PathLike)) or random_weights:
+        return None
+    if os.fspath(model_or_preset).startswith(presets.HF_PREFIX):
+        return None  # resolved (downloaded) by the export process, which checks it there
+    return _no_weights_message(*presets.resolve_preset(model_or_preset))
+
+
+def _no_weights_message(kind, source):
+    """The refusal for a resolved preset without weights, or None when it has them."""
+    from keras_perceiver import presets
+
+    if kind == "zoo":
+        if source.get("weights"):
+            return None
+        convert = (source.get("provenance") or {}).get("convert", "keras-perceiver convert ...")
+        return (
+            f"export: preset {source['name']!r} ships no weights: pass random_weights=True (--random-weights) to "
+            f"export it with random weights, or convert the original checkpoint (`{convert}`) and export the "
+            "directory it writes"
+        )
+    if (Path(source) / presets.WEIGHTS_FILE).is_file():
+        return None
+    return (
+        f"export: preset directory {str(source)!r} has no {presets.WEIGHTS_FILE}: pass random_weights=True "
+        "(--random-weights) to export it with random weights"
+    )
+
+
 def _check_requirements(target):
     missing = [m for m in REQUIREMENTS[target] if importlib.util.find_spec(m) is None]
     if missing:
@@ -79,8 +150,135 @@ def _check_requirements(target):
         )
 
 
+def metadata_path(path):
+    """The metadata file of the artefact at `path`: `<path>.keras-perceiver.json` beside it
+    (for OpenVINO beside the .xml)."""
+    path = Path(path)
+    return path.with_name(path.name + METADATA_SUFFIX)
+
+
+def _companion_paths(target, path):
+    """Every path the artefact at `path` consists of, in commit order but the last: OpenVINO's
+    weights (.bin) come before its .xml."""
+    path = Path(path)
+    return [path.with_suffix(".bin"), path] if target == "openvino" else [path]
+
+
+def read_metadata(path):
+    """The metadata keras_perceiver wrote for the artefact at `path`, or None when there is
+    none, it does not parse, or it was not written by keras_perceiver for this artefact name."""
+    try:
+        data = json.loads(metadata_path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("written_by") != WRITER or data.get("artefact") != Path(path).name:
+        return None
+    return data
+
+
+def _owned(path, artefact):
+    """Did keras_perceiver write `path`, one of the files of the artefact at `artefact`?"""
+    path, artefact = Path(path), Path(artefact)
+    data = read_metadata(artefact)
+    if data is None:
+        return False
+    if path == metadata_path(artefact):
+        return True
+    if path == artefact:  # as the kind it was written: a user's directory in place of our file is not ours
+        return path.is_dir() == (data.get("kind") == "directory")
+    return path.name in data.get("files", {}) and path.is_file()  # a companion (OpenVINO's .bin)
+
+
+def _hashes(staged, final):
+    """{file name relative to the artefact's folder: SHA-256} of the staged artefact files
+    (`staged[i]` becomes `final[i]`); every file of a directory artefact."""
+    found = {}
+    for source, dest in zip(staged, final):
+        if source.is_dir():
+            for file in sorted(p for p in source.rglob("*") if p.is_file()):
+                found[f"{dest.name}/{file.relative_to(source).as_posix()}"] = storage.sha256_of(file)
+        else:
+            found[dest.name] = storage.sha256_of(source)
+    return found
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _commit_artefact(staged, final, staged_metadata, final_metadata):
+    """Rename the staged files into place, each atomically (`storage.commit`), in order:
+    for OpenVINO the weights (.bin) first, then the .xml, then the metadata file.
+
+    The renames are separate: a kill between two of them can leave a new .bin beside the old
+    .xml (a mismatched pair), or new files beside the previous metadata file; the SHA-256 the
+    metadata records for each file tells such a pair from a whole artefact
+    (`storage.sha256_of(file)` against `read_metadata(path)["files"]`)."""
+    for source, dest in zip(staged, final):
+        storage.commit(source, dest)
+    storage.commit(staged_metadata, final_metadata)
+
+
+def _describe_input(model_or_preset, input_shapes, dynamic):
+    if isinstance(model_or_preset, (str, os.PathLike)):
+        what = f"preset {os.fspath(model_or_preset)!r}"
+    else:
+        what = f"model {getattr(model_or_preset, 'name', '?')!r} ({type(model_or_preset).__name__})"
+    shapes = f"input shapes {input_shapes}" if input_shapes else "the default example shapes (batch 2, lengths 24)"
+    return f"{what} at {shapes}" + ("" if dynamic else ", static")
+
+
+def _error_class(data):
+    """The class a worker's exception comes back as: ExportVerificationError, or the nearest
+    builtin exception class in its MRO (Exception itself, too vague, as RuntimeError)."""
+    for module, name in data.get("mro", []):
+        if name == ExportVerificationError.__name__ and module in ("__main__", __name__):
+            return ExportVerificationError
+        if module == "builtins":
+            cls = getattr(builtins, name, None)
+            if isinstance(cls, type) and issubclass(cls, Exception) and cls is not Exception:
+                return cls
+    return RuntimeError
+
+
+def _worker_error(done, error_file, context):
+    """The exception a failed export process stands for: the worker's own (its type, the
+    route and input in `context`, its message; its traceback on `.worker_traceback`), or a
+    RuntimeError with the last lines of stderr when it died without writing one."""
+    try:
+        data = json.loads(Path(error_file).read_text())
+    except (OSError, ValueError):
+        tail = "\n".join(done.stderr.strip().splitlines()[-12:])
+        error = RuntimeError(
+            f"{context}: the export process died without reporting an error (exit code {done.returncode}); "
+            f"the last lines it wrote:\n{tail}"
+        )
+        error.worker_traceback = None
+        return error
+    cls = _error_class(data)
+    cause = data.get("message", "")
+    if cause.startswith("export: "):
+        cause = cause[len("export: "):]
+    if data.get("type") not in (cls.__name__, "AssertionError"):
+        cause = f"{data.get('type')}: {cause}"
+    try:
+        error = cls(f"{context}: {cause}")
+    except TypeError:  # a builtin class with other constructor arguments
+        error = RuntimeError(f"{context}: {data.get('type')}: {cause}")
+    error.worker_traceback = data.get("traceback")
+    error.worker_type = data.get("type")
+    return error
+
+
 def export(
-    model_or_preset, target, path, input_shapes=None, dynamic=True, quantize=None, verify=True, overwrite=False
+    model_or_preset, target, path, input_shapes=None, dynamic=True, quantize=None, verify=True, overwrite=False,
+    random_weights=False,
 ):
     """Convert `model_or_preset` (a keras_perceiver model, a preset name or directory) to
     `target` at `path`, verify it in its runtime, and return an ExportReport.
@@ -91,7 +289,17 @@ def export(
     (False: traced static at those shapes; the SavedModel-based targets always keep them) and
     check a second, different size;
     quantize: None, or one of QUANTIZE[target]; the artefact's error relative to the output
-    range must then stay within the preset's documented bound (`quantized_error_bound`). An existing `path` is replaced only with `overwrite=True`.
+    range must then stay within the preset's documented bound (`quantized_error_bound`);
+    overwrite: replace an existing `path` (and its companions: OpenVINO's .bin, the metadata
+    file), only when keras_perceiver wrote it (its metadata file says so): a user's file or
+    directory, the current directory and the preset being exported are never replaced;
+    random_weights: export a preset that ships no weights with random ones (the metadata and
+    the report say `weights: "random"`); without it such a preset raises a ValueError.
+
+    Writes `<path>.keras-perceiver.json` beside the artefact (`read_metadata`). Errors of the
+    export process come back as their type (ValueError, ImportError, ...; a failed check as
+    ExportVerificationError) naming route, input and cause, the process' traceback on
+    `.worker_traceback`; a process that dies without reporting one raises a RuntimeError.
     """
     if target not in ROUTES:
         raise ValueError(f"export: `target` must be one of {list(ROUTES)}; received {target!r}")
@@ -110,21 +318,33 @@ def export(
             f"received {quantize!r}"
         )
     _check_requirements(target)
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"export: {str(path)!r} exists; pass overwrite=True to replace it")
-    backend, _, _ = ROUTES[target]
-    with tempfile.TemporaryDirectory() as work:
-        work = Path(work)
-        if isinstance(model_or_preset, (str, os.PathLike)):
-            source = {"preset": str(model_or_preset)}
+    from_path = isinstance(model_or_preset, (str, os.PathLike))
+    problem = weights_problem(model_or_preset, random_weights)
+    if problem:
+        raise ValueError(problem)
+    sources = [model_or_preset] if from_path and Path(model_or_preset).expanduser().is_dir() else []
+    path = Path(path).expanduser()
+    final = _companion_paths(target, path)
+    for written in [path, *final[:-1], metadata_path(path)]:  # the artefact first: refuses "."
+        storage.check_target(
+            written, "export", overwrite, lambda p: _owned(p, path), sources, marker=f"{metadata_path(path).name} beside it"
+        )
+
+    backend, route, _ = ROUTES[target]
+    context = f"export to {target!r} via {route} [{backend}] of {_describe_input(model_or_preset, input_shapes, dynamic)}"
+    staging = storage.new_staging_dir(path)
+    try:
+        if from_path:
+            source = {"preset": os.fspath(model_or_preset)}
         else:
-            model_file = work / "model.keras"
+            model_file = staging / "model.keras"
             model_or_preset.save(model_file)
             source = {"keras_file": str(model_file)}
+        out = staging / ("artefact" + SUFFIXES[target])
         job = dict(
-            source, target=target, out=str(work / ("artefact" + SUFFIXES[target])), shapes=input_shapes,
-            dynamic=dynamic, quantize=quantize, verify=verify, report=str(work / "report.json"),
+            source, target=target, out=str(out), shapes=input_shapes, dynamic=dynamic, quantize=quantize,
+            verify=verify, random_weights=bool(random_weights), report=str(staging / "report.json"),
+            error=str(staging / "error.json"), work=str(staging / "work"),
             error_bound=quantized_error_bound(model_or_preset, quantize) if quantize else FLOAT32_TOLERANCE,
         )
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
@@ -133,32 +353,56 @@ def export(
             env=env, capture_output=True, text=True,
         )
         if done.returncode:
-            raise RuntimeError(f"export to {target} failed under {backend}:\n{done.stderr[-4000:]}")
-        report = ExportReport(**json.loads(Path(job["report"]).read_text()))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        shutil.move(job["out"], path)
-        if target == "openvino":  # the weights file travels with the .xml
-            shutil.move(str(Path(job["out"]).with_suffix(".bin")), path.with_suffix(".bin"))
-        report.path = str(path)
+            raise _worker_error(done, job["error"], context)
+        try:
+            written = json.loads(Path(job["report"]).read_text())
+        except (OSError, ValueError):
+            raise _worker_error(done, job["error"], context) from None
+        report = ExportReport(**written["report"])
+        report.path, report.metadata_path = str(path), str(metadata_path(path))
+        staged = _companion_paths(target, out)
+        fields = dataclasses.asdict(report)
+        for key in ("path", "metadata_path"):
+            fields.pop(key)
+        metadata = dict(
+            written_by=WRITER, keras_perceiver_version=keras_perceiver.__version__, artefact=path.name,
+            kind="directory" if out.is_dir() else "file", target=target, route=report.route, quantize=quantize,
+            weights=report.weights,
+            source=({"preset": os.fspath(model_or_preset)} if from_path else
+                    {"model": getattr(model_or_preset, "name", None), "class": type(model_or_preset).__name__}),
+            written_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            converter_versions=written.get("versions", {}),
+            report=fields, files=_hashes(staged, final),
+        )
+        if "openvino" in written:
+            metadata["openvino"] = written["openvino"]
+        staged_metadata = staging / "metadata.json"
+        staged_metadata.write_text(json.dumps(_json_safe(metadata), indent=1, allow_nan=False))
+        _commit_artefact(staged, final, staged_metadata, metadata_path(path))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return report
 
 
 # ------------------------------------------------------------------ worker side
 def _load(job):
+    """-> (model, weights: "model" | "preset" | "random", notes). A preset without weights
+    loads only with job["random_weights"] (random ones, said in the notes)."""
     import keras
 
     import keras_perceiver as kp
+    from keras_perceiver.presets import resolve_preset
 
     if "keras_file" in job:
-        return keras.saving.load_model(job["keras_file"]), ""
-    try:
-        return kp.from_preset(job["preset"]), ""
-    except ValueError as error:
-        if "ships no weights" not in str(error):
-            raise
-        return kp.from_preset(job["preset"], load_weights=False), "random weights (the preset ships none)"
+        return keras.saving.load_model(job["keras_file"]), "model", ""
+    kind, source = resolve_preset(job["preset"])  # downloads an hf:// handle
+    problem = _no_weights_message(kind, source)
+    if problem is None:
+        return kp.from_preset(job["preset"]), "preset", ""
+    if not job.get("random_weights"):
+        raise ValueError(problem)
+    return (kp.from_preset(job["preset"], load_weights=False), "random",
+            "random weights (the preset ships none; random_weights=True)")
 
 
 def _sizes(model, job):
@@ -217,9 +461,60 @@ def _convert(model, job, work):
         _saved_model(model, saved)
         converted = ov.convert_model(saved)
         _einsums_as_matmuls(converted)
+        set_openvino_precision(converted, openvino_precision(job["quantize"]))
         ov.save_model(converted, out, compress_to_fp16=False)
     elif target == "coreml":
         return _coreml(model, job)
+
+
+def openvino_precision(quantize):
+    """The CPU inference precision an OpenVINO artefact is verified in: "bf16" for
+    quantize="bfloat16", else "f32"."""
+    return "bf16" if quantize == "bfloat16" else "f32"
+
+
+def set_openvino_precision(model, precision):
+    """Store INFERENCE_PRECISION_HINT=`precision` in the IR's `runtime_options` rt_info, where
+    OpenVINO looks for runtime properties a model carries. Whether compile_model applies this
+    one depends on the OpenVINO version (`openvino_runtime_condition` finds out): the CPU plugin
+    of OpenVINO 2026.4 reads only KV-cache and dynamic-quantization options from there."""
+    model.set_rt_info(precision, ["runtime_options", "INFERENCE_PRECISION_HINT"])
+
+
+def openvino_runtime_condition(xml, precision):
+    """What an OpenVINO CPU must be given to compute the IR at `xml` in `precision` ("f32" or
+    "bf16"), and what a default `ov.Core().compile_model(xml, "CPU")` does on this machine.
+
+    Returns a dict: `compile_config` (the property to pass), `verified_precision` (bf16 only
+    where the CPU has bf16 units), `cpu_default_precision`, `default_compile_precision` (read
+    back from the compiled model), `rt_info_honoured` (True / False; None where this CPU's
+    default is already the precision asked for, so a default compile cannot tell),
+    `openvino_version` and `condition`, one sentence for the report's notes."""
+    import openvino as ov
+
+    core = ov.Core()
+    bf16_units = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    verified = precision if precision == "f32" or bf16_units else "f32"
+    cpu_default = core.get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
+    default_run = core.compile_model(str(xml), "CPU").get_property("INFERENCE_PRECISION_HINT").to_string()
+    honoured = None if cpu_default == verified else default_run == verified
+    config = {"INFERENCE_PRECISION_HINT": precision}
+    version = ov.__version__.split("-")[0]
+    if honoured:
+        condition = (f"OpenVINO: a default compile_model(xml, 'CPU') runs {verified}, as verified (OpenVINO "
+                     f"{version} applies the IR's runtime_options INFERENCE_PRECISION_HINT={precision})")
+    elif default_run != verified:
+        condition = (f"OpenVINO: compile with {config} for the verified {verified} results; a default "
+                     f"compile_model(xml, 'CPU') runs {default_run} on this CPU (OpenVINO {version} ignores the "
+                     f"IR's runtime_options INFERENCE_PRECISION_HINT)")
+    else:
+        condition = (f"OpenVINO: compile with {config} for the verified {verified} results; this CPU runs "
+                     f"{default_run} by default, CPUs with AVX512-BF16 or AMX default to bf16")
+    return dict(
+        compile_config=config, verified_precision=verified, cpu_default_precision=cpu_default,
+        default_compile_precision=default_run, rt_info_honoured=honoured, ir_runtime_options=dict(config),
+        openvino_version=ov.__version__, condition=condition,
+    )
 
 
 def _einsums_as_matmuls(model):
@@ -410,8 +705,7 @@ def _runner(target, out, quantize=None):
     if target == "openvino":
         import openvino as ov
 
-        precision = "bf16" if quantize == "bfloat16" else "f32"
-        compiled = ov.Core().compile_model(out, "CPU", {"INFERENCE_PRECISION_HINT": precision})
+        compiled = ov.Core().compile_model(out, "CPU", {"INFERENCE_PRECISION_HINT": openvino_precision(quantize)})
         return lambda x: {
             "|".join(sorted(port.get_names())) or str(i): np.asarray(value)
             for i, (port, value) in enumerate(compiled(x).items())
@@ -431,13 +725,13 @@ def select_outputs(outputs, keys, target):
 
     if keys is None:
         if len(outputs) != 1:
-            raise AssertionError(f"{target}: expected one output; received {sorted(outputs)}")
+            raise ExportVerificationError(f"{target}: expected one output; received {sorted(outputs)}")
         return np.asarray(next(iter(outputs.values())))
     parts = []
     for key in keys:
         found = [name for name in outputs if key in name.replace(":", "/").replace("|", "/").split("/") or name == key]
         if len(found) != 1:
-            raise AssertionError(f"{target}: cannot tell output {key!r} among {sorted(outputs)}")
+            raise ExportVerificationError(f"{target}: cannot tell output {key!r} among {sorted(outputs)}")
         part = np.asarray(outputs[found[0]])
         parts.append(part.reshape(part.shape[0], -1))
     return np.concatenate(parts, axis=1)
@@ -449,23 +743,27 @@ def worker(job):
 
     from keras_perceiver.examples import outputs_to_numpy
 
-    model, notes = _load(job)
+    model, weights, notes = _load(job)
     model(_sizes(model, job)[0])  # build every layer before converting
     target = job["target"]
     names = list(model.named_inputs)
-    with tempfile.TemporaryDirectory() as work:
-        converted = _convert(model, job, work)
+    extra = {"versions": _module_versions(target)}
+    runtime_config = None
+    work = Path(job["work"])  # intermediates (a SavedModel), in the export's staging directory
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        converted = _convert(model, job, str(work))
         size = sum(f.stat().st_size for f in Path(job["out"]).rglob("*")) if Path(job["out"]).is_dir() else Path(job["out"]).stat().st_size
         if target == "openvino":
             size += Path(job["out"]).with_suffix(".bin").stat().st_size
+            condition = openvino_runtime_condition(job["out"], openvino_precision(job["quantize"]))
+            extra["openvino"], runtime_config = condition, condition["compile_config"]
             if job["quantize"] == "bfloat16":
-                import openvino as ov
-
-                bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
                 notes = (notes + "; " if notes else "") + (
-                    "float32 IR run with INFERENCE_PRECISION_HINT=bf16" if bf16
+                    "float32 IR run with INFERENCE_PRECISION_HINT=bf16" if condition["verified_precision"] == "bf16"
                     else "this CPU has no bf16: OpenVINO ran it in f32"
                 )
+            notes = (notes + "; " if notes else "") + condition["condition"]
         checked, abs_err, rel_err, latency = [], 0.0, 0.0, float("nan")
         # What the file is: the torch.export routes (ONNX, CoreML) are traced static unless
         # job["dynamic"]; the SavedModel-based routes always keep the model's open axes.
@@ -501,37 +799,72 @@ def worker(job):
                 latency = 1000 * float(np.median(timed_runs(lambda: run(sets[0][2]), 10)))
             for expected, got, inputs in sets:
                 if expected.shape != np.shape(got):
-                    raise AssertionError(f"{target}: output shape {np.shape(got)} != Keras {expected.shape}")
+                    raise ExportVerificationError(f"{target}: output shape {np.shape(got)} != Keras {expected.shape}")
                 diff = np.abs(expected - got)
                 abs_err = max(abs_err, float(diff.max()))
                 rel_err = max(rel_err, float(diff.max() / max(np.abs(expected).max(), 1e-12)))
                 checked.append({n: list(v.shape) for n, v in inputs.items()})
             if job["quantize"] is None and abs_err > job["error_bound"]:
-                raise AssertionError(f"{target}: max abs error {abs_err:.3g} exceeds {job['error_bound']} (float32)")
+                raise ExportVerificationError(f"{target}: max abs error {abs_err:.3g} exceeds {job['error_bound']} (float32)")
             if job["quantize"] and rel_err > job["error_bound"]:
-                raise AssertionError(
+                raise ExportVerificationError(
                     f"{target} ({job['quantize']}): error {rel_err:.3g} of the output range exceeds the "
                     f"documented bound {job['error_bound']} (QUANTIZED_ERROR_BOUNDS or the preset's zoo file)"
                 )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     backend, route, runtime = ROUTES[target]
     report = ExportReport(
         target=target, route=f"{route} [{backend}]", runtime=runtime, path=job["out"], size_bytes=size,
         dynamic=dynamic, checked_shapes=checked, max_abs_error=abs_err, max_rel_error=rel_err,
         latency_ms=latency, quantize=job["quantize"], verified=bool(job["verify"]), notes=notes,
-        error_bound=job["error_bound"],
+        error_bound=job["error_bound"], weights=weights, runtime_config=runtime_config,
     )
-    Path(job["report"]).write_text(json.dumps(dataclasses.asdict(report)))
+    Path(job["report"]).write_text(json.dumps(dict(extra, report=dataclasses.asdict(report))))
 
 
-def export_all(model_or_preset, targets, directory, quantize=None, overwrite=False):
-    """Export to each target into `directory` (named after the preset); quantize applies
-    where the target supports it. Returns the reports."""
+def _module_versions(target):
+    """{distribution: version} of what the route used, for the artefact's metadata."""
+    found = {}
+    for name in ["keras", *REQUIREMENTS[target]]:
+        for distribution in (name, name.replace("_", "-"), f"{name}-cpu"):
+            try:
+                found[name] = importlib.metadata.version(distribution)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    return found
+
+
+def _worker_main(job):
+    """Run `worker(job)`; an exception is written to job["error"] ({type, mro, message,
+    traceback}) for the parent to raise as its type, and the process exits 1."""
+    try:
+        worker(job)
+    except Exception as error:  # every failure goes back to the parent, typed
+        mro = [(cls.__module__, cls.__name__) for cls in type(error).__mro__]
+        Path(job["error"]).write_text(json.dumps(dict(
+            type=type(error).__name__, mro=mro, message=str(error), traceback=traceback.format_exc()[-6000:],
+        )))
+        sys.exit(1)
+
+
+def export_all(model_or_preset, targets, directory, quantize=None, overwrite=False, random_weights=False):
+    """Export to each target into `directory` (named after the preset). `quantize` must apply
+    to every target (ValueError naming the valid values per target otherwise). Returns the
+    reports."""
+    problem = quantize_problem(targets, quantize)
+    if problem:
+        raise ValueError(problem)
+    problem = weights_problem(model_or_preset, random_weights)
+    if problem:
+        raise ValueError(problem)
     name = Path(str(model_or_preset)).name if isinstance(model_or_preset, (str, os.PathLike)) else model_or_preset.name
     reports = []
     for target in targets:
-        q = quantize if quantize in QUANTIZE.get(target, ()) else None
-        path = Path(directory) / (name + (f"_{q}" if q else "") + SUFFIXES[target])
-        reports.append(export(model_or_preset, target, path, quantize=q, overwrite=overwrite))
+        path = Path(directory) / (name + (f"_{quantize}" if quantize else "") + SUFFIXES[target])
+        reports.append(export(model_or_preset, target, path, quantize=quantize, overwrite=overwrite,
+                              random_weights=random_weights))
     return reports
 
 
@@ -553,4 +886,4 @@ def format_reports(reports):
 
 
 if __name__ == "__main__":
-    worker(json.loads(sys.argv[1]))
+    _worker_main(json.loads(sys.argv[1]))

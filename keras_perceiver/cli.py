@@ -32,13 +32,13 @@ def _batches(value):
 def _bench_presets(parser, value, flag="--presets"):
     """The comma-separated bench names in `value`, each a preset or a bench-only small
     configuration that the bench has inputs for."""
-    from keras_perceiver import bench
+    from keras_perceiver.benchmarks.subjects import BENCH_INPUTS, SMALL_PEERS
     from keras_perceiver.presets import list_presets
 
     presets = [p for p in value.split(",") if p]
-    unknown = [p for p in presets if p not in bench.BENCH_INPUTS or (p not in list_presets() and p not in bench.SMALL_PEERS)]
+    unknown = [p for p in presets if p not in BENCH_INPUTS or (p not in list_presets() and p not in SMALL_PEERS)]
     if unknown or not presets:
-        parser.error(f"{flag}: expected names among {','.join(bench.BENCH_INPUTS)}; received {value!r}")
+        parser.error(f"{flag}: expected names among {','.join(BENCH_INPUTS)}; received {value!r}")
     return presets
 
 
@@ -49,8 +49,15 @@ def _refuse_existing(parser, args, **paths):
             parser.error(f"--{flag}: expected a new path, or --overwrite to replace it; received existing {path}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one line for a bad argument (no usage block); `--help` shows the usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
 def _run(argv=None):
-    parser = argparse.ArgumentParser(prog="keras-perceiver", description=__doc__)
+    parser = _Parser(prog="keras-perceiver", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser(
@@ -88,8 +95,12 @@ def _run(argv=None):
     export.add_argument("preset")
     export.add_argument("--to", default="coreml,openvino,tflite,onnx", help="comma-separated targets")
     export.add_argument("--out", required=True, help="directory for the artefacts")
-    export.add_argument("--quantize", default=None, help="e.g. dynamic_int8 (tflite, onnx), float16 (tflite) or bfloat16 (openvino)")
-    export.add_argument("--overwrite", action="store_true")
+    export.add_argument("--quantize", default=None,
+                        help="dynamic_int8 (tflite, onnx), float16 (tflite) or bfloat16 (openvino); must apply to every --to target")
+    export.add_argument("--random-weights", action="store_true",
+                        help="export a preset that ships no weights with random ones (its metadata file says so)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace artefacts keras_perceiver wrote (their .keras-perceiver.json says so); never other files")
 
     bench = commands.add_parser("bench", help="latency / compile time / memory / %% of GEMM peak per preset x backend x mode")
     bench.add_argument("--presets", default="perceiver_digits", help="comma-separated preset names")
@@ -196,39 +207,42 @@ def _run(argv=None):
         unknown = [t for t in targets if t not in ROUTES]
         if unknown:
             parser.error(f"--to: expected targets among {','.join(ROUTES)}; received {','.join(unknown)}")
-        reports = export_all(args.preset, targets, args.out, quantize=args.quantize, overwrite=args.overwrite)
+        reports = export_all(args.preset, targets, args.out, quantize=args.quantize, overwrite=args.overwrite,
+                             random_weights=args.random_weights)
         print(format_reports(reports))
         return 0
     if args.command == "bench":
-        from keras_perceiver import bench as bench_module
+        from keras_perceiver.benchmarks import run as bench_run
+        from keras_perceiver.benchmarks.cells import artefact_options
+        from keras_perceiver.benchmarks.report import report
 
         presets = _bench_presets(parser, args.presets)
         backends = args.backends if isinstance(args.backends, list) else _backends(args.backends)
         targets = [t for t in args.targets.split(",") if t]
-        options = bench_module.artefact_options()
+        options = artefact_options()
         wrong = [t for t in targets if t.partition(":")[0] not in options
                  or (":" in t and t.partition(":")[2] not in options[t.partition(":")[0]])]
         if wrong:
             parser.error(f"--targets: expected target[:option] with options {options}; received {','.join(wrong)}")
         dtypes = [d for d in args.dtypes.split(",") if d]
-        if not dtypes or set(dtypes) - set(bench_module.DTYPES):
+        if not dtypes or set(dtypes) - set(bench_run.DTYPES):
             parser.error(f"--dtypes: expected one or more of float32,bfloat16; received {args.dtypes!r}")
         _refuse_existing(parser, args, out=args.out)
-        bench_module.run(presets, backends, args.batch, args.repeats, [m for m in args.modes.split(",") if m], args.out,
-                         peers=not args.no_peers, targets=targets, dtypes=dtypes, paired=args.paired)
-        print(bench_module.report([args.out]))
+        bench_run.run(presets, backends, args.batch, args.repeats, [m for m in args.modes.split(",") if m], args.out,
+                      peers=not args.no_peers, targets=targets, dtypes=dtypes, paired=args.paired)
+        print(report([args.out]))
         return 0
     if args.command == "bench-bound":
-        from keras_perceiver import gemm_bound
+        from keras_perceiver.benchmarks import bound
 
         presets = _bench_presets(parser, args.presets)
         if args.repeats < 1:
             parser.error(f"--repeats: expected a positive integer; received {args.repeats}")
         _refuse_existing(parser, args, json=args.json)
-        print(gemm_bound.table(gemm_bound.run(presets, args.batch, args.repeats, args.json)))
+        print(bound.table(bound.run(presets, args.batch, args.repeats, args.json)))
         return 0
     if args.command == "bench-profile":
-        from keras_perceiver import onnx_profile
+        from keras_perceiver.benchmarks import profile as onnx_profile
 
         if len(_bench_presets(parser, args.preset, "preset")) != 1:
             parser.error(f"preset: expected one name; received {args.preset!r}")
@@ -246,10 +260,10 @@ def _run(argv=None):
     if args.command == "bench-scale":
         import json
 
-        from keras_perceiver import bench as bench_module
+        from keras_perceiver.benchmarks.scaling import scale
 
         _refuse_existing(parser, args, json=args.json, plot=args.plot)
-        rows = bench_module.scale([int(m) for m in args.lengths.split(",")], args.backend, plot_out=args.plot)
+        rows = scale([int(m) for m in args.lengths.split(",")], args.backend, plot_out=args.plot)
         if args.json:
             with open(args.json, "w") as handle:
                 json.dump(rows, handle, indent=1)
@@ -259,14 +273,14 @@ def _run(argv=None):
             print(f"| {r['length']:,} | {r['median_s']:.3f} | {per:.2f} | {r['compile_s']:.1f} | {r['peak_rss_mb']:.0f} |")
         return 0
     if args.command == "bench-report":
-        from keras_perceiver import bench as bench_module
+        from keras_perceiver.benchmarks.report import report
 
         missing = [f for f in args.files if not os.path.isfile(f)]
         if missing:
             parser.error(f"bench-report: expected existing result files; received missing {', '.join(missing)}")
         _refuse_existing(parser, args, markdown=args.markdown, plot=args.plot)
         try:
-            print(bench_module.report(args.files, args.markdown, args.plot))
+            print(report(args.files, args.markdown, args.plot))
         except ValueError as error:
             parser.error(str(error))
         return 0

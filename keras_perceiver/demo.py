@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keras_perceiver.bench import timed_runs
+from keras_perceiver.timing import timed_runs
 from keras_perceiver.text_table import text_table
 
 BACKENDS = ("jax", "tensorflow", "torch")

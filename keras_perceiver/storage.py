@@ -33,13 +33,14 @@ def sha256_of(path):
     return digest.hexdigest()
 
 
-def check_target(path, what, overwrite, owned, sources=()):
+def check_target(path, what, overwrite, owned, sources=(), marker="metadata.json"):
     """Raise unless `what` may write `path`.
 
     - never the current directory, one of its parents, or a path that is or holds one of
       `sources` (ValueError);
     - an existing path only with `overwrite` (FileExistsError) and only when `owned(path)`
-      says this project wrote it (ValueError): anything else is the user's.
+      says this project wrote it (ValueError): anything else is the user's. `marker` names
+      what marks our writes in the message (a preset's metadata.json, an artefact's sidecar).
     """
     path = Path(path)
     resolved = path.expanduser().resolve()
@@ -47,7 +48,7 @@ def check_target(path, what, overwrite, owned, sources=()):
     if resolved == cwd or resolved in cwd.parents:
         raise ValueError(
             f"{what}: the target {str(path)!r} is the current directory or one of its parents; "
-            "expected a new directory, e.g. ./my_preset"
+            "expected a new path inside it"
         )
     for source in sources:
         source = Path(source).expanduser().resolve()
@@ -61,8 +62,8 @@ def check_target(path, what, overwrite, owned, sources=()):
             raise FileExistsError(f"{what}: {str(path)!r} exists; pass overwrite=True (--overwrite) to replace it")
         if path.is_symlink() or not owned(path):
             raise ValueError(
-                f"{what}: {str(path)!r} exists and was not written by keras_perceiver (it holds no "
-                "keras_perceiver metadata.json); refusing to replace it with overwrite=True. "
+                f"{what}: {str(path)!r} exists and was not written by keras_perceiver (no keras_perceiver "
+                f"{marker}); refusing to replace it with overwrite=True. "
                 "Expected a new path, or one this project wrote"
             )
     return path

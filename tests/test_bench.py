@@ -8,7 +8,10 @@ import keras
 import pytest
 
 import keras_perceiver as kp
-from keras_perceiver import bench
+from keras_perceiver.benchmarks import cells, devices, peers, run, subjects
+from keras_perceiver.benchmarks.flops import forward_flops
+from keras_perceiver.benchmarks.cells import run_artefacts
+from keras_perceiver.benchmarks.report import report, summary as summary_table
 from keras_perceiver.examples import build_small, example_inputs
 
 
@@ -21,7 +24,7 @@ def test_analytic_flops_match_xla_cost_analysis(name):
     inputs = example_inputs(model, length=40)
     if name == "perceiver_resampler":
         inputs["media"] = inputs["media"][:, :, :1]  # F = 1
-    ours = bench.forward_flops(model, inputs)
+    ours = forward_flops(model, inputs)
     state = [v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables]
     fn = jax.jit(lambda t, n, x: model.stateless_call(t, n, x)[0])
     analysis = fn.lower(*state, inputs).compile().cost_analysis()
@@ -36,7 +39,7 @@ def test_bench_run_and_report(tmp_path):
     backend = keras.backend.backend()
     # one run for both precisions: each run starts a backend process, the expensive part;
     # float32 runs first whatever the order asked (bfloat16's error is measured against it)
-    results = bench.run(["perceiver_digits"], [backend], batches=[2], repeats=2, modes=["eager"], out=out, peers=False,
+    results = run.run(["perceiver_digits"], [backend], batches=[2], repeats=2, modes=["eager"], out=out, peers=False,
                         dtypes=["bfloat16", "float32"])
     run_ = results["runs"][0]
     cell, bf16 = run_["cells"]
@@ -48,7 +51,7 @@ def test_bench_run_and_report(tmp_path):
     assert run_["gemm_peak_gflops"] == max(max(sample.values()) for sample in run_["gemm_peak_samples_gflops"])
     assert cell["fraction_of_peak"] == pytest.approx(cell["achieved_gflops"] / run_["gemm_peak_gflops"])
     assert json.loads(out.read_text())["runs"][0]["cells"] == run_["cells"]
-    table = bench.report([out, out], markdown_out=tmp_path / "m.md", plot_out=tmp_path / "m.png")
+    table = report([out, out], markdown_out=tmp_path / "m.md", plot_out=tmp_path / "m.png")
     assert table.count("perceiver_digits") == 4  # two files merged, two cells each
     assert (tmp_path / "m.png").stat().st_size > 0
 
@@ -65,20 +68,20 @@ def test_bench_run_and_report(tmp_path):
 
 def test_preset_flops_are_in_the_expected_range():
     model = kp.from_preset("perceiver_digits")
-    x = bench.bench_inputs("perceiver_digits", 1)
-    assert 1e6 < bench.forward_flops(model, x) < 1e8
+    x = subjects.bench_inputs("perceiver_digits", 1)
+    assert 1e6 < forward_flops(model, x) < 1e8
 
 
-@pytest.mark.parametrize("name", sorted(bench.SMALL_PEERS))
+@pytest.mark.parametrize("name", sorted(subjects.SMALL_PEERS))
 def test_small_bench_configurations_share_the_peers_weights(name):
     """The small configurations are ours converted from the seeded peer: same function."""
     import torch
 
     from keras_perceiver.examples import outputs_to_numpy
 
-    peer, to_torch = bench.peer_model(name)
-    ours = bench.bench_model(name)
-    x = bench.bench_inputs(name, 2)
+    peer, to_torch = subjects.peer_model(name)
+    ours = subjects.bench_model(name)
+    x = subjects.bench_inputs(name, 2)
     args = to_torch(x)
     with torch.no_grad():
         if len(args) == 2:
@@ -96,14 +99,14 @@ def test_report_refuses_a_file_that_is_not_a_bench_result(tmp_path):
     other = tmp_path / "scaling.json"
     other.write_text(json.dumps([{"length": 1000}]))
     with pytest.raises(ValueError, match="expected result files of `keras-perceiver bench`; received .*scaling.json"):
-        bench.report([other])
+        report([other])
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="exports run in their own process; once, in the tensorflow pass")
 def test_bfloat16_artefacts_are_measured_against_the_bfloat16_peak(tmp_path):
     pytest.importorskip("openvino", reason="needs the export extra (openvino)")
     out = tmp_path / "bench.json"
-    results = bench.run(["perceiver_digits"], ["tensorflow"], batches=[2], repeats=2, modes=[], out=out, peers=False,
+    results = run.run(["perceiver_digits"], ["tensorflow"], batches=[2], repeats=2, modes=[], out=out, peers=False,
                         targets=["openvino", "openvino:bfloat16", "onnx:static"])
     run_ = results["runs"][0]
     float32, bf16, static = run_["cells"]
@@ -114,7 +117,7 @@ def test_bfloat16_artefacts_are_measured_against_the_bfloat16_peak(tmp_path):
     # a CPU without bfloat16 units computes bfloat16 fastest through float32: the higher peak counts
     assert bf16["peak_gflops"] == run_["bfloat16_gemm_peak_gflops"] >= run_["gemm_peak_gflops"]
     assert float32["max_rel_error"] < 1e-5 and bf16["max_rel_error"] <= 0.05
-    table = bench.report([out])
+    table = report([out])
     assert f"(peak {bf16['peak_gflops']:.0f} bf16)" in table
 
 
@@ -124,7 +127,7 @@ def test_an_export_that_fails_is_reported_and_the_run_goes_on(tmp_path, monkeypa
     from keras_perceiver.converters import artefacts
 
     monkeypatch.setattr(artefacts, "quantized_error_bound", lambda model_or_preset, quantize: 1e-9)
-    cells, failures = bench.run_artefacts(["perceiver_digits"], ["onnx:dynamic_int8", "onnx:static"], [1, 2], 1,
+    cells, failures = run_artefacts(["perceiver_digits"], ["onnx:dynamic_int8", "onnx:static"], [1, 2], 1,
                                           {"float32": 100.0, "bfloat16": 100.0})
     assert [(c["mode"], c["batch"]) for c in cells] == [("onnx static", 1), ("onnx static", 2)]
     (failure,) = failures
@@ -134,12 +137,12 @@ def test_an_export_that_fails_is_reported_and_the_run_goes_on(tmp_path, monkeypa
     data = json.loads(path.read_text())
     data["runs"][0]["failed_cells"] = failures
     path.write_text(json.dumps(data))
-    assert "- cpu x2: perceiver_digits onnx dynamic_int8, batch 1, 2: " in bench.report([path])
+    assert "- cpu x2: perceiver_digits onnx dynamic_int8, batch 1, 2: " in report([path])
 
 
 def test_bench_refuses_an_unknown_dtype(tmp_path):
     with pytest.raises(ValueError, match=r"`dtypes` must be one or more of 'float32', 'bfloat16'; received \['float16'\]"):
-        bench.run(["perceiver_digits"], ["jax"], out=tmp_path / "b.json", dtypes=["float16"])
+        run.run(["perceiver_digits"], ["jax"], out=tmp_path / "b.json", dtypes=["float16"])
 
 
 def _result_file(path, cells, peers, accelerators=()):
@@ -159,7 +162,7 @@ def test_report_compares_a_peer_with_our_best_cell_of_its_precision(tmp_path):
     peers = [dict(preset="p", batch=1, peer="ref", mode="eager", median_ms=30.0),
              dict(preset="p", batch=1, peer="ref", mode="eager bfloat16", median_ms=10.0, peak_gflops=1000.0)]
     path = _result_file(tmp_path / "r.json", cells, peers, accelerators=["GPU X"])
-    table = bench.report([path])
+    table = report([path])
     rows = [line for line in table.split("Every cell:")[1].splitlines() if "| ref |" in line]
     # float32 peer: our float32 cell (30 / 20), and our bfloat16 cell in the reduced-precision columns (30 / 5)
     assert "| jax compiled | 20.0 | 1.50x | compiled bfloat16 | 5.0 | 6.00x | 1.0e-02 |" in rows[0]
@@ -172,15 +175,15 @@ def test_no_accelerator_peaks_without_a_gpu():
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available() or torch.backends.mps.is_available():
         pytest.skip("this machine has a CUDA or Apple (MPS) GPU; the check is for one without")
-    assert bench.torch_accelerator() is None
-    assert bench.accelerator_gemm_peaks() == {}
+    assert devices.torch_accelerator() is None
+    assert devices.accelerator_gemm_peaks() == {}
 
 
 def test_bench_refuses_bfloat16_on_a_gpu_without_a_bfloat16_peak(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "accelerator_gemm_peaks", lambda: {"float32": 1000.0})  # e.g. MPS before macOS 14
-    monkeypatch.setattr(bench, "torch_accelerator", lambda: "mps")
+    monkeypatch.setattr(run, "accelerator_gemm_peaks", lambda: {"float32": 1000.0})  # e.g. MPS before macOS 14
+    monkeypatch.setattr(run, "torch_accelerator", lambda: "mps")
     with pytest.raises(ValueError, match=r"`dtypes` \['bfloat16'\] cannot be multiplied on this GPU \(mps\)"):
-        bench.run(["perceiver_digits"], ["jax"], out=tmp_path / "b.json", dtypes=["float32", "bfloat16"])
+        run.run(["perceiver_digits"], ["jax"], out=tmp_path / "b.json", dtypes=["float32", "bfloat16"])
     assert not (tmp_path / "b.json").exists()
 
 
@@ -189,7 +192,7 @@ def test_jax_measures_both_peaks_of_a_device_it_holds():
     import jax
 
     # on a TPU it is the TPU; the CPU here takes the same path
-    peaks = bench.jax_gemm_peaks(jax.devices("cpu")[0], size=256, repeats=3)
+    peaks = devices.jax_gemm_peaks(jax.devices("cpu")[0], size=256, repeats=3)
     assert sorted(peaks) == ["bfloat16", "float32"]
     assert all(0 < rate < 1e7 for rate in peaks.values()), peaks
 
@@ -199,23 +202,23 @@ def test_device_description_names_the_apple_chip_on_macos(monkeypatch):
 
     def sysctl(command, **kwargs):
         calls.append(command)
-        return bench.subprocess.CompletedProcess(command, 0, stdout="Apple M2 Pro\n", stderr="")
+        return devices.subprocess.CompletedProcess(command, 0, stdout="Apple M2 Pro\n", stderr="")
 
-    monkeypatch.setattr(bench.platform, "system", lambda: "Darwin")
-    monkeypatch.setattr(bench.platform, "processor", lambda: "arm")
-    monkeypatch.setattr(bench.subprocess, "run", sysctl)
-    assert bench.device_description()["cpu"] == "Apple M2 Pro"
+    monkeypatch.setattr(devices.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(devices.platform, "processor", lambda: "arm")
+    monkeypatch.setattr(devices.subprocess, "run", sysctl)
+    assert devices.device_description()["cpu"] == "Apple M2 Pro"
     assert calls == [["sysctl", "-n", "machdep.cpu.brand_string"]]
 
 
 def test_coreml_is_a_bench_target_on_macos_only(monkeypatch):
     import platform
 
-    here = bench.artefact_options()
+    here = cells.artefact_options()
     assert ("coreml" in here) == (platform.system() == "Darwin")
     assert here["onnx"] == ["dynamic_int8", "static"] and here["openvino"] == ["bfloat16"]
-    monkeypatch.setattr(bench.platform, "system", lambda: "Darwin")
-    assert bench.artefact_options()["coreml"] == ["static"]
+    monkeypatch.setattr(cells.platform, "system", lambda: "Darwin")
+    assert cells.artefact_options()["coreml"] == ["static"]
 
 
 def test_coreml_predictions_off_macos_say_they_need_it():
@@ -236,7 +239,7 @@ def test_coreml_cells_on_macos(tmp_path):
     if platform.system() != "Darwin":
         pytest.skip("CoreML predictions need macOS (the CoreML runtime)")
     pytest.importorskip("coremltools", reason="needs the export extra (coremltools)")
-    cells, failures = bench.run_artefacts(["perceiver_digits"], ["coreml", "coreml:static"], [1, 2], 2,
+    cells, failures = run_artefacts(["perceiver_digits"], ["coreml", "coreml:static"], [1, 2], 2,
                                           {"float32": 100.0, "bfloat16": 100.0}, gpu_peak=1000.0)
     assert failures == []
     assert [(c["mode"], c["batch"]) for c in cells] == [("coreml", 1), ("coreml", 2), ("coreml static", 1), ("coreml static", 2)]
@@ -250,21 +253,21 @@ def test_a_higher_peak_sampled_later_re_measures_the_cells_against_it():
     float32 = dict(achieved_gflops=80.0, fraction_of_peak=0.8, peak_gflops=100.0)
     peer = dict(peak_gflops=100.0)  # peers carry the peak only; the report computes their fraction
     on_gpu = dict(achieved_gflops=500.0, fraction_of_peak=0.5, peak_gflops=1000.0)
-    raised = bench._raised_peaks([float32, peer, on_gpu], cpu_peaks, 125.0)
+    raised = run._raised_peaks([float32, peer, on_gpu], cpu_peaks, 125.0)
     assert raised == {"float32": 125.0, "bfloat16": 125.0}
     assert float32["fraction_of_peak"] == pytest.approx(0.64) and float32["peak_gflops"] == 125.0
     assert peer == {"peak_gflops": 125.0}
     assert on_gpu["fraction_of_peak"] == 0.5 and on_gpu["peak_gflops"] == 1000.0
     # a lower sample changes nothing; a bfloat16 unit faster than the new float32 peak keeps its peak
-    assert bench._raised_peaks([float32], raised, 90.0) == raised and float32["fraction_of_peak"] == pytest.approx(0.64)
-    assert bench._raised_peaks([], {"float32": 100.0, "bfloat16": 400.0}, 125.0) == {"float32": 125.0, "bfloat16": 400.0}
+    assert run._raised_peaks([float32], raised, 90.0) == raised and float32["fraction_of_peak"] == pytest.approx(0.64)
+    assert run._raised_peaks([], {"float32": 100.0, "bfloat16": 400.0}, 125.0) == {"float32": 125.0, "bfloat16": 400.0}
 
 
 def test_alternated_runs_time_both_calls_in_turns():
     order = []
     ours, peer = (lambda: order.append("ours")), (lambda: order.append("peer"))
     # calls longer than the block: one call a side per round, after a warm-up and a timed call each
-    times, other_times = bench.alternated_runs(ours, peer, 3, block_s=0.0)
+    times, other_times = cells.alternated_runs(ours, peer, 3, block_s=0.0)
     assert order == ["ours"] * 2 + ["peer"] * 2 + ["ours", "peer"] * 3
     assert len(times) == len(other_times) == 3
 
@@ -276,7 +279,7 @@ def test_alternated_runs_time_both_calls_in_turns():
 
     order.clear()
     # short calls: each round runs a block of about block_s back to back, after an untimed call
-    times, other_times = bench.alternated_runs(sleeper("ours", 0.01), sleeper("peer", 0.02), 2, block_s=0.1)
+    times, other_times = cells.alternated_runs(sleeper("ours", 0.01), sleeper("peer", 0.02), 2, block_s=0.1)
     rounds = order[4:]
     ours_block, peer_block = rounds.index("peer"), len(rounds) // 2 - rounds.index("peer")
     assert rounds == (["ours"] * ours_block + ["peer"] * peer_block) * 2
@@ -287,17 +290,17 @@ def test_alternated_runs_time_both_calls_in_turns():
 
 def test_paired_cells_carry_the_peer_timed_in_the_same_rounds(tmp_path):
     peaks = {"float32": 100.0}
-    (cell,) = bench.run_cells(["small_flamingo_resampler"], [1], 2, ["eager"], peaks, paired=True)
+    (cell,) = cells.run_cells(["small_flamingo_resampler"], [1], 2, ["eager"], peaks, paired=True)
     assert cell["paired_peer"] == "flamingo_pytorch.PerceiverResampler"
     assert cell["paired_peer_ms"] > 0 and cell["paired_peer_spread_ms"] >= 0
     # the peer cells that follow take the peer the pairing built instead of building it again
-    model = bench._PAIRED_PEERS["small_flamingo_resampler"][0]
-    (peer_cell,) = bench.run_peers(["small_flamingo_resampler"], [1], 1)
-    assert "small_flamingo_resampler" not in bench._PAIRED_PEERS and peer_cell["peer"] == bench.peer_name(model)
-    (digits,) = bench.run_cells(["perceiver_digits"], [1], 2, ["eager"], peaks, paired=True)
+    model = peers._PAIRED_PEERS["small_flamingo_resampler"][0]
+    (peer_cell,) = peers.run_peers(["small_flamingo_resampler"], [1], 1)
+    assert "small_flamingo_resampler" not in peers._PAIRED_PEERS and peer_cell["peer"] == peers.peer_name(model)
+    (digits,) = cells.run_cells(["perceiver_digits"], [1], 2, ["eager"], peaks, paired=True)
     assert "paired_peer_ms" not in digits  # no peer to pair with
     path = _result_file(tmp_path / "r.json", [cell, digits], [])
-    table = bench.report([path]).split("Every cell:")[1]
+    table = report([path]).split("Every cell:")[1]
     rows = [line for line in table.splitlines() if "flamingo_pytorch.PerceiverResampler" in line]
     ratio = cell["paired_peer_ms"] / cell["median_ms"]
     assert rows == [f"| cpu x2 | small_flamingo_resampler | 1 | {keras.backend.backend()} eager "
@@ -308,7 +311,7 @@ def test_paired_cells_carry_the_peer_timed_in_the_same_rounds(tmp_path):
 def _summary_rows(*runs):
     results = [{"runs": [dict(device={"cpu": "cpu", "threads": 2, "accelerators": []}, gemm_peak_gflops=100.0,
                               cells=cells, peers=peers) for cells, peers in runs]}]
-    return bench.summary(results).splitlines()[2:]
+    return summary_table(results).splitlines()[2:]
 
 
 def test_summary_keeps_per_precision_the_route_with_the_best_median_ratio_and_its_range():
@@ -338,6 +341,6 @@ def test_the_committed_matrix_and_the_readme_summary_are_generated_from_the_comm
     carries its summary table as generated."""
     matrix = (RESULTS / "matrix.md").read_text()
     names = matrix.splitlines()[0].removeprefix("Merged from: ").split(", ")
-    assert matrix == bench.report([RESULTS / name for name in names]) + "\n"
-    summary = bench.summary([json.loads((RESULTS / name).read_text()) for name in names])
+    assert matrix == report([RESULTS / name for name in names]) + "\n"
+    summary = summary_table([json.loads((RESULTS / name).read_text()) for name in names])
     assert summary in (Path(__file__).resolve().parents[1] / "README.md").read_text()

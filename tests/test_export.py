@@ -6,12 +6,19 @@ target (every family in one of the three passes) and the whole family x target m
 this backend is the slow-marked test.
 """
 
+import json
+import subprocess
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
 
-from keras_perceiver import presets
-from keras_perceiver.converters import ROUTES, export
+import keras_perceiver
+from keras_perceiver import presets, storage
+from keras_perceiver.converters import ROUTES, export, export_all
+from keras_perceiver.converters import artefacts
+from keras_perceiver.converters.artefacts import ExportVerificationError, metadata_path, read_metadata
 from keras_perceiver.examples import SMALL_MODELS, build_small
 
 FAMILIES_FOR_BACKEND = {
@@ -45,13 +52,52 @@ def _check_coreml_spec(model, path):
                 assert size_range.lowerBound == size_range.upperBound == size
 
 
-def _check(report, target, path):
+def _check(report, target, path, weights="model"):
     assert report.verified and report.target == target
     assert report.path == str(path) and path.exists()
     assert report.size_bytes > 0
     assert report.max_abs_error <= 1e-4
     assert report.dynamic  # CoreML too: open axes become RangeDims
     assert len(report.checked_shapes) == 2 and report.checked_shapes[0] != report.checked_shapes[1]
+    _check_metadata(report, target, path, weights)
+    if target == "openvino":
+        _check_openvino_condition(report, path)
+
+
+def _check_metadata(report, target, path, weights):
+    """The metadata file beside the artefact: who wrote it, what it is, and a SHA-256 per file
+    that matches what is on disk; no staging left behind."""
+    metadata = read_metadata(path)
+    assert report.metadata_path == str(metadata_path(path)) and metadata is not None
+    assert metadata["keras_perceiver_version"] == keras_perceiver.__version__
+    assert (metadata["target"], metadata["route"], metadata["quantize"]) == (target, report.route, report.quantize)
+    assert metadata["weights"] == report.weights == weights
+    assert metadata["report"]["checked_shapes"] == report.checked_shapes
+    assert metadata["report"]["max_abs_error"] == report.max_abs_error
+    expected = {path.name} | ({path.with_suffix(".bin").name} if target == "openvino" else set())
+    assert {name.split("/")[0] for name in metadata["files"]} == expected
+    for name, digest in metadata["files"].items():
+        assert storage.sha256_of(path.parent / name) == digest
+    assert not [p for p in path.parent.iterdir() if storage.STAGING_TAG in p.name]
+
+
+def _check_openvino_condition(report, path):
+    """What the report says OpenVINO must be given holds: with it the IR runs in the precision
+    it was verified in; and what a default compile_model runs here is what the metadata and the
+    notes say."""
+    ov = pytest.importorskip("openvino", reason="needs the export extra (openvino)")
+    precision = "bf16" if report.quantize == "bfloat16" else "f32"
+    assert report.runtime_config == {"INFERENCE_PRECISION_HINT": precision}
+    model = ov.Core().read_model(str(path))
+    assert model.get_rt_info(["runtime_options", "INFERENCE_PRECISION_HINT"]).astype(str) == precision
+    condition = read_metadata(path)["openvino"]
+    given = ov.Core().compile_model(str(path), "CPU", report.runtime_config).get_property("INFERENCE_PRECISION_HINT")
+    assert given.to_string() == condition["verified_precision"]
+    default = ov.Core().compile_model(str(path), "CPU").get_property("INFERENCE_PRECISION_HINT").to_string()
+    assert condition["default_compile_precision"] == default
+    assert condition["condition"] in report.notes
+    if default != condition["verified_precision"]:  # e.g. f32 verified, bf16 by default (AVX512-BF16 / AMX CPUs)
+        assert f"compile with {report.runtime_config}" in report.notes and condition["rt_info_honoured"] is False
 
 
 def _export_and_check(name, target, tmp_path):
@@ -93,14 +139,22 @@ def _digits_accuracy(target, path, quantize=None, batch=450):
 
 @once
 def test_quantized_tflite_stays_within_the_presets_bound(tmp_path):
-    report = export("perceiver_digits", "tflite", tmp_path / "digits_int8.tflite", quantize="dynamic_int8")
-    assert report.quantize == "dynamic_int8"
+    path = tmp_path / "digits.tflite"
+    report = export("perceiver_digits", "tflite", path, quantize="dynamic_int8")
+    assert report.quantize == "dynamic_int8" and read_metadata(path)["quantize"] == "dynamic_int8"
     assert report.error_bound == presets.zoo_entries()["perceiver_digits"]["quantized_error_bounds"]["dynamic_int8"]
     assert 0 < report.max_rel_error <= report.error_bound  # int8 weights change the logits a little
-    full = (tmp_path / "digits_int8.tflite").stat().st_size
-    assert full < 0.6 * export("perceiver_digits", "tflite", tmp_path / "digits.tflite").size_bytes
+    assert report.weights == read_metadata(path)["weights"] == "preset"
     # the accuracy cost, measured in LiteRT on the held-out split
-    assert _digits_accuracy("tflite", tmp_path / "digits_int8.tflite", batch=50) >= 0.97
+    assert _digits_accuracy("tflite", path, batch=50) >= 0.97
+    int8_size = path.stat().st_size
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export("perceiver_digits", "tflite", path)
+    # an artefact keras_perceiver wrote (its metadata says so) is replaced with overwrite=True
+    report = export("perceiver_digits", "tflite", path, overwrite=True)
+    assert path.stat().st_size == report.size_bytes and int8_size < 0.6 * report.size_bytes
+    _check_metadata(report, "tflite", path, "preset")
+    assert read_metadata(path)["quantize"] is None
 
 
 @once
@@ -120,11 +174,17 @@ def test_quantized_onnx_keeps_7_bit_weights_and_the_digits_accuracy(tmp_path):
 
 
 @once
-def test_openvino_bfloat16_runs_in_bf16_within_the_bound(tmp_path):
+def test_openvino_bfloat16_runs_in_bf16_within_the_bound(tmp_path, monkeypatch):
     ov = pytest.importorskip("openvino", reason="needs the export extra (openvino)")
     path = tmp_path / "digits_bf16.xml"
+    commits, commit = [], storage.commit
+    monkeypatch.setattr(storage, "commit", lambda staged, target: commits.append(target) or commit(staged, target))
     report = export("perceiver_digits", "openvino", path, quantize="bfloat16")
+    # the pair is renamed into place weights first, then the .xml, then the metadata file
+    assert commits == [path.with_suffix(".bin"), path, metadata_path(path)]
     assert report.quantize == "bfloat16" and report.max_rel_error <= report.error_bound
+    _check_metadata(report, "openvino", path, "preset")
+    _check_openvino_condition(report, path)
     assert "Einsum" not in [op.get_type_name() for op in ov.Core().read_model(str(path)).get_ordered_ops()]
     assert _digits_accuracy("openvino", path, "bfloat16") >= 0.97
     if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
@@ -167,7 +227,16 @@ def test_onnx_graph_is_the_torch_export_graph(tmp_path):
 
     onnx = pytest.importorskip("onnx", reason="needs the export extra (onnx)")
     keras.utils.set_random_seed(0)
-    export(build_small("perceiver_io"), "onnx", tmp_path / "model.onnx")
+    # from a preset directory that holds no weights: exported only with random_weights=True, and said so
+    preset = tmp_path / "small_io"
+    presets.save_to_preset(build_small("perceiver_io"), preset)
+    (preset / presets.WEIGHTS_FILE).unlink()
+    with pytest.raises(ValueError, match=r"has no model.weights.h5: pass random_weights=True \(--random-weights\)"):
+        export(str(preset), "onnx", tmp_path / "model.onnx")
+    report = export(str(preset), "onnx", tmp_path / "model.onnx", random_weights=True)
+    assert report.weights == read_metadata(tmp_path / "model.onnx")["weights"] == "random"
+    assert "random weights" in report.notes and report.max_abs_error <= 1e-4
+    assert read_metadata(tmp_path / "model.onnx")["source"] == {"preset": str(preset)}
     ops = collections.Counter(node.op_type for node in onnx.load(str(tmp_path / "model.onnx")).graph.node)
     assert ops["LayerNormalization"] > 0 and ops["MatMul"] > 0
     assert not {"Einsum", "ReduceProd", "GlobalAveragePool"} & set(ops), ops
@@ -188,17 +257,206 @@ def test_static_onnx_export_at_given_shapes(tmp_path):
     assert report.checked_shapes == [{"media": list(shape)}]
     (media,) = onnx.load(str(tmp_path / "static.onnx")).graph.input
     assert tuple(d.dim_value for d in media.type.tensor_type.shape.dim) == shape
-    with pytest.raises(RuntimeError, match=r"`input_shapes`\['media'\] must fit the input's shape \(None, None, None, None, 64\); received \(1, 2, 12, 64\)"):
+    # an error of the export process comes back as its type, naming route, input and cause
+    with pytest.raises(ValueError) as caught:
         export(model, "onnx", tmp_path / "wrong.onnx", input_shapes={"media": (1, 2, 12, 64)}, dynamic=False)
+    message = str(caught.value)
+    assert type(caught.value) is ValueError and len(message.splitlines()) == 1
+    assert message.startswith(
+        "export to 'onnx' via torch.export -> torch.onnx (dynamo) [torch] of model 'perceiver_resampler' "
+        "(PerceiverResampler) at input shapes {'media': (1, 2, 12, 64)}, static: "
+    )
+    assert message.endswith("`input_shapes`['media'] must fit the input's shape (None, None, None, None, 64); received (1, 2, 12, 64)")
+    assert "Traceback" in caught.value.worker_traceback and "_sizes" in caught.value.worker_traceback
+    assert not (tmp_path / "wrong.onnx").exists() and not [p for p in tmp_path.iterdir() if storage.STAGING_TAG in p.name]
+
+
+def _forge_artefact(path, content=b"an earlier export"):
+    """A file with metadata saying keras_perceiver wrote it (as an earlier export leaves one)."""
+    path.write_bytes(content)
+    metadata_path(path).write_text(json.dumps(
+        {"written_by": "keras_perceiver", "artefact": path.name, "kind": "file", "files": {path.name: "0" * 64}}
+    ))
+    return metadata_path(path).read_bytes()
 
 
 @once
 def test_quantized_error_over_the_bound_fails_the_export(tmp_path, monkeypatch):
-    from keras_perceiver.converters import artefacts
-
     monkeypatch.setitem(artefacts.QUANTIZED_ERROR_BOUNDS, "dynamic_int8", 1e-9)
-    with pytest.raises(RuntimeError, match="exceeds the documented bound 1e-09"):
-        export(build_small("perceiver"), "onnx", tmp_path / "model.onnx", quantize="dynamic_int8")
+    path = tmp_path / "model.onnx"
+    metadata = _forge_artefact(path)
+    with pytest.raises(ExportVerificationError, match="exceeds the documented bound 1e-09") as caught:
+        export(build_small("perceiver"), "onnx", path, quantize="dynamic_int8", overwrite=True)
+    assert isinstance(caught.value, ValueError) and isinstance(caught.value, RuntimeError)  # what callers catch
+    assert str(caught.value).startswith(
+        "export to 'onnx' via torch.export -> torch.onnx (dynamo) [torch] of model 'perceiver' (Perceiver) at the "
+        "default example shapes (batch 2, lengths 24): onnx (dynamic_int8): error "
+    )
+    # the failed export left the earlier artefact and its metadata as they were, and no staging
+    assert path.read_bytes() == b"an earlier export" and metadata_path(path).read_bytes() == metadata
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.keras-perceiver.json"]
+
+
+def _no_export_process(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the export process was started; the refusal must come before it")
+
+    monkeypatch.setattr(artefacts.subprocess, "run", refuse)
+
+
+def _tree(path):
+    return {p.relative_to(path).as_posix(): p.read_bytes() if p.is_file() else None for p in sorted(path.rglob("*"))}
+
+
+def test_overwrite_never_replaces_what_keras_perceiver_did_not_write(tmp_path, monkeypatch):
+    _no_export_process(monkeypatch)
+    model = build_small("perceiver")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    (mine / "model.onnx").write_bytes(b"my onnx file")
+    (mine / "model.bin").write_bytes(b"my weights")
+    (mine / "other.onnx").write_bytes(b"mine too")
+    metadata_path(mine / "other.onnx").write_text("{not json")  # metadata that does not parse
+    (mine / "renamed.onnx").write_bytes(b"mine as well")  # metadata written for another name
+    metadata_path(mine / "renamed.onnx").write_text(json.dumps({"written_by": "keras_perceiver", "artefact": "x.onnx"}))
+    (mine / "saved").mkdir()  # a directory where metadata says a file was written
+    metadata_path(mine / "saved").write_text(json.dumps({"written_by": "keras_perceiver", "artefact": "saved", "kind": "file"}))
+    before = _tree(tmp_path)
+    refused = [
+        ("onnx", mine / "model.onnx", "not written by keras_perceiver"),
+        ("onnx", mine / "other.onnx", "not written by keras_perceiver"),
+        ("onnx", mine / "renamed.onnx", "not written by keras_perceiver"),
+        ("saved_model", mine / "saved", "not written by keras_perceiver"),
+        ("saved_model", mine, "not written by keras_perceiver"),
+        ("openvino", mine / "model.xml", r"'.*model.bin' exists and was not written by keras_perceiver"),
+    ]
+    for target, path, pattern in refused:
+        with pytest.raises(ValueError, match=pattern):
+            export(model, target, path, overwrite=True)
+    with pytest.raises(FileExistsError, match=r"model.bin' exists; pass overwrite=True"):
+        export(model, "openvino", mine / "model.xml")
+    # the current directory, its parents, and a directory that holds the preset being exported
+    monkeypatch.chdir(mine)
+    for path in (".", "", "..", str(mine)):
+        with pytest.raises(ValueError, match="is the current directory or one of its parents"):
+            export(model, "saved_model", path, overwrite=True)
+    with pytest.raises(ValueError, match="is the current directory or one of its parents"):
+        export(model, "onnx", ".", overwrite=True)
+    preset = mine / "presets" / "p"
+    preset.mkdir(parents=True)
+    (preset / presets.CONFIG_FILE).write_text("{}")
+    for path in (preset, mine / "presets"):
+        with pytest.raises(ValueError, match="is or holds the source"):
+            export(str(preset), "saved_model", path, overwrite=True, random_weights=True)
+    (preset / presets.CONFIG_FILE).unlink()
+    preset.rmdir()
+    preset.parent.rmdir()
+    assert _tree(tmp_path) == before  # byte for byte
+
+
+def test_a_preset_without_weights_needs_random_weights(tmp_path, monkeypatch, capsys):
+    from keras_perceiver.cli import main
+
+    _no_export_process(monkeypatch)
+    for call in (
+        lambda: export("perceiver_vision_fourier", "onnx", tmp_path / "m.onnx"),
+        lambda: export_all("perceiver_vision_fourier", ["onnx", "tflite"], tmp_path),
+    ):
+        with pytest.raises(ValueError, match=r"preset 'perceiver_vision_fourier' ships no weights: pass "
+                                             r"random_weights=True \(--random-weights\)"):
+            call()
+    assert main(["export", "perceiver_vision_fourier", "--to", "onnx", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "'perceiver_vision_fourier' ships no weights" in err
+    assert "--random-weights" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_quantization_that_does_not_apply_is_refused(tmp_path, monkeypatch, capsys):
+    from keras_perceiver.cli import main
+
+    _no_export_process(monkeypatch)
+    valid = ("valid values per target: saved_model: none; tflite: dynamic_int8, float16; onnx: dynamic_int8; "
+             "openvino: bfloat16; coreml: none")
+    with pytest.raises(ValueError, match=rf"--quantize \(quantize=\) 'dynamic_int8' does not apply to saved_model, "
+                                         rf"coreml; {valid}; received 'dynamic_int8'"):
+        export_all(build_small("perceiver"), ["saved_model", "onnx", "coreml"], tmp_path, quantize="dynamic_int8")
+    assert main(["export", "perceiver_digits", "--to", "onnx", "--quantize", "int4", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert f"--quantize (quantize=) 'int4' does not apply to onnx; {valid}; received 'int4'" in err
+    with pytest.raises(SystemExit) as stop:  # an unknown target: argparse's exit 2, as before
+        main(["export", "perceiver_digits", "--to", "onnx,tensorrt", "--out", str(tmp_path)])
+    assert stop.value.code == 2 and "received tensorrt" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "worker_error, raised",
+    [
+        ({"type": "ValueError", "mro": [["builtins", "ValueError"]]}, ValueError),
+        ({"type": "ModuleNotFoundError", "mro": [["builtins", "ModuleNotFoundError"], ["builtins", "ImportError"]]},
+         ModuleNotFoundError),
+        ({"type": "FileExistsError", "mro": [["builtins", "FileExistsError"], ["builtins", "OSError"]]}, FileExistsError),
+        ({"type": "ExportVerificationError", "mro": [["__main__", "ExportVerificationError"], ["builtins", "ValueError"]]},
+         ExportVerificationError),
+        ({"type": "UserError", "mro": [["torch._dynamo.exc", "UserError"], ["builtins", "Exception"]]}, RuntimeError),
+        (None, RuntimeError),  # died without writing one (a segfault)
+    ],
+)
+def test_the_export_process_errors_come_back_typed(tmp_path, monkeypatch, worker_error, raised):
+    def fake_run(argv, **kwargs):
+        job = json.loads(argv[-1])
+        if worker_error is not None:
+            message = "the cause\nin two lines"
+            Path(job["error"]).write_text(json.dumps(dict(worker_error, message=message, traceback="Traceback: ...")))
+        return subprocess.CompletedProcess(argv, 1 if worker_error else -11, "", "early output\nFatal Python error: Segmentation fault")
+
+    monkeypatch.setattr(artefacts.subprocess, "run", fake_run)
+    with pytest.raises(raised) as caught:
+        export("perceiver_digits", "onnx", tmp_path / "m.onnx")
+    message = str(caught.value)
+    assert type(caught.value) is raised
+    assert message.startswith("export to 'onnx' via torch.export -> torch.onnx (dynamo) [torch] of preset 'perceiver_digits'")
+    if worker_error is None:
+        assert "died without reporting an error (exit code -11)" in message and message.endswith("Segmentation fault")
+    else:
+        cause = "UserError: the cause" if worker_error["type"] == "UserError" else ": the cause"
+        assert cause in message and caught.value.worker_traceback == "Traceback: ..."
+    assert list(tmp_path.iterdir()) == []  # the staging directory is gone
+
+
+def test_openvino_precision_is_stored_in_the_ir_and_its_effect_found_out(tmp_path):
+    """The IR carries INFERENCE_PRECISION_HINT in its rt_info `runtime_options`; whether a
+    default compile_model applies it is read back from the compiled model and recorded as
+    found (OpenVINO 2026.4's CPU plugin does not: on a CPU with AVX512-BF16 or AMX a default
+    compile of a float32 IR runs bf16)."""
+    ov = pytest.importorskip("openvino", reason="needs the export extra (openvino)")
+    import openvino.opset13 as opset
+
+    core = ov.Core()
+    cpu_default = core.get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
+    bf16_units = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    for precision in ("f32", "bf16"):
+        x = opset.parameter([2, 8], np.float32)
+        model = ov.Model([opset.matmul(x, opset.constant(np.ones((8, 4), np.float32)), False, False)], [x])
+        artefacts.set_openvino_precision(model, precision)
+        xml = tmp_path / f"{precision}.xml"
+        ov.save_model(model, str(xml), compress_to_fp16=False)
+        assert core.read_model(str(xml)).get_rt_info(["runtime_options", "INFERENCE_PRECISION_HINT"]).astype(str) == precision
+        read_back = ov.Core().compile_model(str(xml), "CPU").get_property("INFERENCE_PRECISION_HINT").to_string()
+        condition = artefacts.openvino_runtime_condition(xml, precision)
+        verified = precision if precision == "f32" or bf16_units else "f32"
+        assert condition["default_compile_precision"] == read_back and condition["verified_precision"] == verified
+        assert condition["compile_config"] == {"INFERENCE_PRECISION_HINT": precision}
+        if verified != cpu_default:  # the option asked for differs from the CPU's default: the read-back tells
+            assert condition["rt_info_honoured"] is (read_back == verified)
+        else:
+            assert condition["rt_info_honoured"] is None
+        if read_back != verified:
+            assert f"compile with {{'INFERENCE_PRECISION_HINT': '{precision}'}}" in condition["condition"]
+            assert "ignores the IR's runtime_options" in condition["condition"]
 
 
 def test_existing_path_is_not_overwritten(tmp_path):
@@ -240,6 +498,10 @@ def test_export_cli_prints_the_table(tmp_path, capsys):
     assert table.splitlines()[0].startswith("target") and "latency ms" in table
     assert "onnxruntime" not in table  # the route column names converters, the runtime is implied
     assert (tmp_path / "perceiver_digits.onnx").exists() and (tmp_path / "perceiver_digits.tflite").exists()
+    for name in ("perceiver_digits.onnx", "perceiver_digits.tflite"):
+        metadata = read_metadata(tmp_path / name)
+        assert metadata["weights"] == "preset" and metadata["source"] == {"preset": "perceiver_digits"}
+        assert storage.sha256_of(tmp_path / name) == metadata["files"][name]
     assert np.isfinite([float(line.split("|")[4]) for line in table.splitlines()[2:]]).all()
 
 
@@ -249,6 +511,6 @@ def test_export_cli_prints_the_table(tmp_path, capsys):
 def test_export_real_size_presets(preset, target, tmp_path):
     """The zoo at the originals' sizes (random weights where the preset ships none)."""
     path = tmp_path / f"{preset}_{target}"
-    report = export(preset, target, path)
-    _check(report, target, path)
+    report = export(preset, target, path, random_weights=True)
+    _check(report, target, path, weights="random")
     assert "random weights" in report.notes

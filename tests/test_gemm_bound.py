@@ -1,7 +1,7 @@
 import keras
 import pytest
 
-from keras_perceiver import gemm_bound
+from keras_perceiver.benchmarks import bound as gemm_bound
 
 
 def test_each_recorded_op_is_read_as_its_matrix_products():

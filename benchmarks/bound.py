@@ -23,7 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from keras_perceiver import bench
+from keras_perceiver.benchmarks.devices import (
+    SUSTAINED_WINDOW_S, device_description, gemm_peaks, highest_peak, matmul_calls, sustained_gemm,
+)
+from keras_perceiver.benchmarks.flops import forward_flops
+from keras_perceiver.benchmarks.peers import peer_call, peer_name
+from keras_perceiver.benchmarks.subjects import bench_inputs, bench_model, peer_model
+from keras_perceiver.timing import timed, timed_runs
 
 FUSED_ATTENTION = "aten::_scaled_dot_product_flash_attention_for_cpu"
 PRODUCT_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", FUSED_ATTENTION)
@@ -78,16 +84,9 @@ def product_seconds(product, library, repeats):
     rng = np.random.default_rng(0)
     a = rng.random((batch, m, k), dtype=np.float32)
     b = rng.random((batch, k, n), dtype=np.float32)
-    if batch == 1:  # a 2-D product, as mm / addmm make it
+    if batch == 1:  # a 2-D product, as mm / addmm make it (`@` of 3-D tensors is bmm)
         a, b = a[0], b[0]
-    if library == "torch":
-        import torch
-
-        a, b = torch.from_numpy(a), torch.from_numpy(b)
-        fn = (lambda: torch.mm(a, b)) if batch == 1 else (lambda: torch.bmm(a, b))  # noqa: E731
-    else:
-        fn = lambda: np.matmul(a, b)  # noqa: E731
-    return min(bench.timed_runs(fn, repeats))
+    return min(timed_runs(matmul_calls(a, b)[library], repeats))
 
 
 def _forward_ms(forward, repeats):
@@ -95,7 +94,7 @@ def _forward_ms(forward, repeats):
     import torch
 
     with torch.no_grad():
-        return 1000 * statistics.median([bench._timed(forward) for _ in range(repeats)])
+        return 1000 * statistics.median([timed(forward) for _ in range(repeats)])
 
 
 def bound_row(preset, batch, implementation, forward, flops, repeats):
@@ -129,29 +128,6 @@ def with_fractions(row, peak):
                 bound_fraction_torch=gflop_per_ms / row["product_ms_torch"], bound_fraction_best=gflop_per_ms / row["product_ms_best"])
 
 
-SUSTAINED_WINDOW_S = 0.5  # the stretch over which `sustained_gemm` reports one rate
-
-
-def sustained_gemm(seconds=10.0, size=2048, window=SUSTAINED_WINDOW_S):
-    """{library: [GFLOP/s of each `window`-second stretch]} of the peak's own (size x size)
-    product run back to back for `seconds` per library: what the GEMM alone keeps up for as
-    long as a large preset's forward lasts, against the best-of-5 bursts the peak is made of."""
-    flop = 2 * size**3
-    rates = {}
-    for library, product in bench.gemm_products(size).items():
-        product()
-        rates[library], count = [], 0
-        start = stretch = time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            product()
-            count += 1
-            now = time.perf_counter()
-            if now - stretch >= window:
-                rates[library].append(flop * count / (now - stretch) / 1e9)
-                stretch, count = now, 0
-    return rates
-
-
 def worker(job):
     """In a torch process: ours and the peer, per preset x batch. The float32 GEMM peak is
     measured before each preset and at the end; the fractions use the highest
@@ -167,23 +143,23 @@ def worker(job):
     samples = []
     rows = []
     for name in job["presets"]:
-        samples.append(bench.gemm_peaks())
-        model = bench.bench_model(name)
-        found = bench.peer_model(name)
+        samples.append(gemm_peaks())
+        model = bench_model(name)
+        found = peer_model(name)
         for batch in job["batches"]:
-            inputs = bench.bench_inputs(name, batch)
-            flops = bench.forward_flops(model, inputs)
+            inputs = bench_inputs(name, batch)
+            flops = forward_flops(model, inputs)
             rows.append(bound_row(name, batch, "ours (Keras on torch, eager)", lambda: outputs_to_numpy(model(inputs)),
                                   flops, job["repeats"]))
             if found is not None:
                 peer, to_torch = found
-                call = bench.peer_call(peer, peer, to_torch(inputs))
-                rows.append(bound_row(name, batch, bench.peer_name(peer), call,
+                call = peer_call(peer, peer, to_torch(inputs))
+                rows.append(bound_row(name, batch, peer_name(peer), call,
                                       flops, job["repeats"]))
         del model, found
-    samples.append(bench.gemm_peaks())
-    peak = bench.highest_peak(samples)
-    result = dict(device=bench.device_description(), gemm_peak_gflops=peak, gemm_peak_samples_gflops=samples,
+    samples.append(gemm_peaks())
+    peak = highest_peak(samples)
+    result = dict(device=device_description(), gemm_peak_gflops=peak, gemm_peak_samples_gflops=samples,
                   sustained_gemm_gflops=sustained, sustained_window_s=SUSTAINED_WINDOW_S, rows=[with_fractions(row, peak) for row in rows])
     Path(job["out"]).write_text(json.dumps(result, indent=1))
 
@@ -195,7 +171,7 @@ def run(presets, batches=(1,), repeats=5, out=None, sustained_s=10.0):
         job = dict(presets=list(presets), batches=list(batches), repeats=repeats, out=os.path.join(work, "r.json"),
                    sustained_s=sustained_s)
         env = dict(os.environ, KERAS_BACKEND="torch", TF_CPP_MIN_LOG_LEVEL="3")
-        done = subprocess.run([sys.executable, "-m", "keras_perceiver.gemm_bound", json.dumps(job)], env=env)
+        done = subprocess.run([sys.executable, "-m", "keras_perceiver.benchmarks.bound", json.dumps(job)], env=env)
         if done.returncode:
             raise SystemExit(f"bench-bound: the torch run failed (exit {done.returncode})")
         result = json.loads(Path(job["out"]).read_text())

@@ -15,7 +15,8 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from keras_perceiver import bench
+from keras_perceiver.benchmarks.devices import device_description, gemm_peaks, highest_peak
+from keras_perceiver.benchmarks.subjects import bench_inputs, export_bench_model
 
 # onnxruntime's matrix-product kernels, float32 and int8 (after its graph fusions)
 PRODUCT_OPS = (
@@ -122,19 +123,19 @@ def run(name, batch=1, onnx_path=None, quantize=None, static=False, runs=3, out=
     highest sample is used. Returns the summary; writes it as JSON to `out` when given."""
     if runs < 1:
         raise ValueError(f"bench-profile: `runs` must be a positive integer; received {runs}")
-    inputs = bench.bench_inputs(name, batch)
-    samples = [bench.gemm_peaks()]
+    inputs = bench_inputs(name, batch)
+    samples = [gemm_peaks()]
     given = onnx_path
     with tempfile.TemporaryDirectory() as work:
         if given is None:
             onnx_path = os.path.join(work, f"{name}.onnx")
-            bench.export_bench_model(name, "onnx", onnx_path, inputs, static, quantize)
+            export_bench_model(name, "onnx", onnx_path, inputs, static, quantize)
         events = profile_events(onnx_path, inputs, runs)
-    samples.append(bench.gemm_peaks())
-    peak = bench.highest_peak(samples)
+    samples.append(gemm_peaks())
+    peak = highest_peak(samples)
     result = dict(
         preset=name, batch=batch, file=None if given is None else str(given), static=static, quantize=quantize,
-        device=bench.device_description(), gemm_peak_gflops=peak, gemm_peak_samples_gflops=samples, **summarize(*node_times(events), peak),
+        device=device_description(), gemm_peak_gflops=peak, gemm_peak_samples_gflops=samples, **summarize(*node_times(events), peak),
     )
     if out:
         Path(out).write_text(json.dumps(result, indent=1))
