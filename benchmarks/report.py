@@ -95,6 +95,16 @@ def summary(results):
     return "\n".join(lines)
 
 
+def headline(results):
+    """The README's few rows of `summary`: batch 1, the presets at their real sizes, and a
+    machine's small configurations only where it ran no real-size preset."""
+    header, rule, *rows = summary(results).splitlines()
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    real_size = {c[0] for c in cells if not c[1].startswith("small_")}
+    kept = [row for row, c in zip(rows, cells) if c[2] == "1" and (c[0] not in real_size or not c[1].startswith("small_"))]
+    return "\n".join([header, rule, *kept])
+
+
 def report(paths, markdown_out=None, plot_out=None):
     """Merge result files (several machines) into one Markdown document (and a PNG plot): the
     files it came from, the `summary` of our best routes, then every cell and the peers."""
