@@ -20,12 +20,20 @@ from keras_perceiver.converters.artefacts import (
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
+def _is_idefics_checkpoint(source):
+    from keras_perceiver.converters.idefics import is_idefics_checkpoint
+
+    return Path(source).is_dir() and is_idefics_checkpoint(source)
+
+
 def convert_checkpoint(source, out, num_heads=8, overwrite=False):
     """Convert `source` and write a preset directory at `out` (see `save_to_preset`).
 
     `source`: a flamingo-pytorch / OpenFlamingo state dict file (`.pt`, `.pth`, `.bin`),
     or a transformers Perceiver checkpoint (a `save_pretrained` directory or a hub id,
-    which needs the hub to be reachable).
+    which needs the hub to be reachable), or a transformers Idefics2 / Idefics checkpoint
+    directory (`save_pretrained` layout), of which only the connector is converted: the
+    safetensors index says which shards hold it, and only those are opened.
     """
     from keras_perceiver.presets import is_preset_directory, save_to_preset
     from keras_perceiver.storage import check_target
@@ -42,6 +50,10 @@ def convert_checkpoint(source, out, num_heads=8, overwrite=False):
 
         state = torch.load(source, map_location="cpu", weights_only=True)
         model = resampler_from_state_dict(state, num_heads=num_heads)
+    elif _is_idefics_checkpoint(source):
+        from keras_perceiver.converters.idefics import from_checkpoint_directory
+
+        model = from_checkpoint_directory(source)
     else:
         from keras_perceiver.converters.transformers_perceiver import from_transformers
 

@@ -76,6 +76,17 @@ SMALL_MODELS = {
         PerceiverResampler,
         dict(dim=64, depth=2, num_heads=4, head_channels=16, num_latents=8, num_media_embeds=4, max_num_frames=2),
     ),
+    # the Idefics connectors' options in one model: Idefics2's SwiGLU modality projection,
+    # RMSNorm and grouped-query attention, Idefics' per-head q/k LayerNorms; (B, V, D) media
+    # with a padding mask -> (B, latents, dim)
+    "idefics_connector": (
+        PerceiverResampler,
+        dict(
+            dim=48, depth=2, num_heads=4, head_channels=12, num_latents=8, activation="swiglu", norm="rms",
+            norm_epsilon=1e-6, num_key_value_heads=2, qk_norm=True, media_dim=40, projection_channels=56,
+            media_rank=3, use_media_mask=True,
+        ),
+    ),
 }
 
 
@@ -96,7 +107,7 @@ def example_inputs(model, batch=2, length=None, seed=0, shapes=None):
     for name, tensor in model.named_inputs.items():
         dims = [batch] + [d if d is not None else (length or 24) for d in tensor.shape[1:]]
         shapes[name] = dims
-    if "media" in shapes:
+    if "media" in shapes and len(shapes["media"]) == 5:
         shapes["media"][1:4] = [2, 2, length or 12]  # T, F, V
     shapes.update({name: list(shape) for name, shape in given.items()})
     result = {}

@@ -23,7 +23,7 @@ from keras_perceiver.examples import SMALL_MODELS, build_small
 
 FAMILIES_FOR_BACKEND = {
     "jax": ["perceiver"],  # the slowest pass (eager JAX) gets one family
-    "tensorflow": ["perceiver_io", "perceiver_multimodal"],
+    "tensorflow": ["perceiver_io", "perceiver_multimodal", "idefics_connector"],
     "torch": ["perceiver_resampler", "perceiver_io_flow"],
 }
 # Tests of the export API that do not depend on the caller's backend (the conversion runs in

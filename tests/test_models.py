@@ -116,26 +116,6 @@ def test_masked_media_tokens_have_no_effect():
     np.testing.assert_allclose(_run(model, noisy), out, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_mixed_bfloat16(name):
-    reference = build_small(name)
-    inputs = example_inputs(reference)
-    expected = _run(reference, inputs)
-    keras.config.set_dtype_policy("mixed_bfloat16")
-    model = build_small(name)
-    model.set_weights(reference.get_weights())
-    outputs = model(inputs)
-    for out in keras.tree.flatten(outputs):
-        assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
-    assert all(keras.backend.standardize_dtype(w.dtype) == "float32" for w in model.weights)
-    norms = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.LayerNormalization)]
-    assert norms and all(n.dtype_policy.name == "mixed_bfloat16" for n in norms)
-    out = to_numpy(keras.tree.map_structure(lambda x: keras.ops.cast(x, "float32"), outputs))
-    assert np.isfinite(out).all()
-    scale = np.abs(expected).max()
-    assert np.abs(out - expected).max() <= 0.05 * scale + 0.05
-
-
 def test_iterative_reads_share_weights():
     base = build_small("perceiver", num_cross_attends=1)
     shared = build_small("perceiver", num_cross_attends=2, share_cross_attend_weights=True, num_blocks=3)

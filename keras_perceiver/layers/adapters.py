@@ -5,6 +5,7 @@ import math
 import keras
 from keras import ops
 
+from keras_perceiver.layers.attention import zero_masked
 from keras_perceiver.layers.position_encoding import FourierPositionEncoding, TrainablePositionEncoding
 
 
@@ -279,6 +280,64 @@ class TokenAdapter(keras.layers.Layer):
             "channels": self.channels,
             "max_positions": self.max_positions,
         }
+
+
+@keras.saving.register_keras_serializable(package="keras_perceiver")
+class GridMask(keras.layers.Layer):
+    """(batch, *index_dims) input mask -> (batch, M) over the adapted positions of a
+    `FeatureAdapter` with patches or a conv stem: a patch, or a stem output, is kept when any
+    position it reads is (what it reads at the others is zero: see `ZeroMasked`)."""
+
+    def __init__(self, patch_size=None, temporal_patch_size=None, conv_stem=False, **kwargs):
+        super().__init__(**kwargs)
+        self.patch_size = patch_size
+        self.temporal_patch_size = temporal_patch_size
+        self.conv_stem = conv_stem
+
+    def call(self, mask):
+        m = ops.expand_dims(ops.cast(mask, "float32"), -1)
+        if self.conv_stem:  # the stem's windows: 7x7 stride 2 padded 3, then 3x3 stride 2
+            m = ops.pad(m, [[0, 0], [3, 3], [3, 3], [0, 0]])
+            m = ops.max_pool(ops.max_pool(m, 7, strides=2), 3, strides=2)
+        else:
+            m = ops.max(space_to_depth(m, self.patch_size, self.temporal_patch_size), axis=-1, keepdims=True)
+        return ops.reshape(m, (ops.shape(m)[0], -1)) > 0.5
+
+    def compute_output_spec(self, mask):
+        dims = list(mask.shape[1:])
+        if None in dims:
+            length = None
+        elif self.conv_stem:
+            length = math.prod(conv_stem_dims(dims)[1])
+        else:
+            length = math.prod(patched_dims(dims, self.patch_size, self.temporal_patch_size))
+        return keras.KerasTensor((mask.shape[0], length), dtype="bool")
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "patch_size": self.patch_size,
+            "temporal_patch_size": self.temporal_patch_size,
+            "conv_stem": self.conv_stem,
+        }
+
+
+@keras.saving.register_keras_serializable(package="keras_perceiver")
+class ZeroMasked(keras.layers.Layer):
+    """call(x, keep) -> x with zeros where `keep` (boolean, x's leading axes) is False.
+
+    Put before an input adapter: an adapter may mix positions (a conv stem, patches), so
+    values at masked positions (NaN and Inf included) are removed before it, and token ids
+    there become id 0."""
+
+    def call(self, x, keep):
+        return zero_masked(x, keep)
+
+    def compute_output_shape(self, x_shape, keep_shape=None):
+        return x_shape
+
+    def compute_output_spec(self, x, keep=None):
+        return keras.KerasTensor(x.shape, dtype=x.dtype)
 
 
 ADAPTERS = {"features": FeatureAdapter, "tokens": TokenAdapter}

@@ -24,6 +24,22 @@ def _expand_mask(key_mask):
     )
 
 
+def zero_masked(x, keep):
+    """`x` where `keep` is True, else 0; `keep` (boolean) covers x's leading axes and broadcasts
+    over the rest. A selection, not `x * keep`: NaN * 0 is NaN, so a NaN or Inf at a masked
+    position would survive a product."""
+    keep = ops.cast(keep, "bool")
+    if len(keep.shape) < len(x.shape):
+        keep = ops.expand_dims(keep, tuple(range(len(keep.shape), len(x.shape))))
+    return ops.where(keep, x, ops.zeros((), dtype=x.dtype))
+
+
+def _used_keys(key_mask):
+    """(B, Tk) or (B, Tq, Tk) mask -> (B, Tk): whether any query may attend to each key."""
+    key_mask = ops.cast(key_mask, "bool")
+    return key_mask if len(key_mask.shape) == 2 else ops.any(key_mask, axis=1)
+
+
 def _mask_bias(mask):
     """Boolean mask -> float32 0 / -1e30 of the same (B, 1, Tq|1, Tk) shape, added to the logits
     (None -> None).
@@ -45,6 +61,9 @@ def _heads_first(x):
 # exported graphs get MatMul nodes (onnxruntime's Einsum: small language model 1.93 vs 1.36 ms).
 def _explicit_attention(query, key, value, bias, scale):
     """Reference maths, used when q/k and v widths differ (fused kernels need them equal)."""
+    if keras.backend.standardize_dtype(query.dtype) == "float16":
+        # scaled before the product: unscaled float16 logits overflow at 65504
+        query, scale = query * ops.cast(scale, query.dtype), 1.0
     logits = ops.matmul(_heads_first(query), ops.transpose(key, (0, 2, 3, 1)))  # (B, H, Tq, Tk)
     logits = ops.cast(logits, "float32") * scale
     if bias is not None:
@@ -85,6 +104,13 @@ def _chunked_attention(query, key, value, bias, scale, chunk_size):
     return ops.cast(_heads_first(out), value.dtype)
 
 
+def _half_on_jax(x):
+    """float16 on JAX: its fused attention asks for float32 logits from a float16 product
+    (preferred_element_type), which XLA on CPU refuses to compile (jax 0.10); the explicit
+    form computes the same thing with a float16 product."""
+    return keras.config.backend() == "jax" and keras.backend.standardize_dtype(x.dtype) == "float16"
+
+
 def _heads_of(x, query):
     """One key / value head shared by every query head, broadcast to them explicitly for the
     fused kernel: torch.compile's attention fusion failed on the implicit broadcast with
@@ -94,6 +120,20 @@ def _heads_of(x, query):
         return x
     shape = ops.shape(x)
     return ops.broadcast_to(x, (shape[0], shape[1], heads, x.shape[-1]))
+
+
+def _grouped_heads(x, query):
+    """Grouped-query attention: `x` with G key / value heads (1 < G < heads) repeated to the
+    query heads, query head h reading key head h // (heads / G), as transformers' repeat_kv.
+    One head (the shared-head broadcast above) and full heads pass through unchanged."""
+    heads, groups = query.shape[2], x.shape[2]
+    if groups in (1, heads):
+        return x
+    if heads % groups:
+        raise ValueError(f"attention: {groups} key / value heads do not divide {heads} query heads")
+    shape = ops.shape(x)
+    x = ops.broadcast_to(ops.expand_dims(x, 3), (shape[0], shape[1], groups, heads // groups, x.shape[-1]))
+    return ops.reshape(x, (shape[0], shape[1], heads, x.shape[-1]))
 
 
 def _chunk_size(query, num_keys, score_budget_bytes):
@@ -115,10 +155,14 @@ def attention(
 
     Args:
         query: (batch, queries, heads, qk_dim).
-        key: (batch, keys, heads or 1, qk_dim); one key head is shared by every query head.
-        value: (batch, keys, heads or 1, v_dim); v_dim may differ from qk_dim.
+        key: (batch, keys, heads or 1 or G, qk_dim); one key head is shared by every query head,
+            G heads (dividing heads) are shared by groups of heads (grouped-query attention).
+        value: (batch, keys, same heads as key, v_dim); v_dim may differ from qk_dim.
         key_mask: optional boolean, (batch, keys) or (batch, queries, keys); True = attend.
-            A query row whose keys are all masked returns zeros, never NaN.
+            A query row whose keys are all masked returns zeros, never NaN. Keys and values
+            masked for every query are zeroed first, so what they hold (NaN and Inf included)
+            never reaches the output; with a (batch, queries, keys) mask, a key that some query
+            attends to is kept, and a NaN in it reaches the other queries too (0 x NaN).
         score_budget_bytes: the most float32 scores to hold at once; above it keys are
             processed in blocks with an online softmax (None: never). `chunk_size` forces
             blocks of that many keys.
@@ -132,16 +176,21 @@ def attention(
     row_has_key = None
     if key_mask is not None:
         mask = _expand_mask(key_mask)
+        used = _used_keys(key_mask)
+        same = value is key
+        key = zero_masked(key, used)
+        value = key if same else zero_masked(value, used)
         # Unmask fully masked rows for the computation (no NaN anywhere, gradients
         # included), then zero their output.
         row_has_key = ops.any(mask, axis=-1, keepdims=True)  # (B, 1, Tq|1, 1)
         mask = ops.logical_or(mask, ops.logical_not(row_has_key))
 
+    key, value = _grouped_heads(key, query), _grouped_heads(value, query)
     num_keys = key.shape[1]
     chunk_size = chunk_size or _chunk_size(query, num_keys, score_budget_bytes)
     if chunk_size and num_keys is not None and num_keys > chunk_size:
         out = _chunked_attention(query, key, value, _mask_bias(mask), scale, chunk_size)
-    elif query.shape[-1] == value.shape[-1]:
+    elif query.shape[-1] == value.shape[-1] and not _half_on_jax(query):
         key, value = _heads_of(key, query), _heads_of(value, query)
         out = ops.dot_product_attention(query, key, value, mask=mask, scale=scale)
     else:
@@ -188,6 +237,10 @@ class MultiHeadAttention(keras.layers.Layer):
 
     Keys and values come from one fused projection (k half first); with
     `self_attention=True` queries, keys and values come from one fused projection.
+    `num_key_value_heads` (dividing num_heads; default num_heads) gives grouped-query
+    attention: keys and values get that many heads, each shared by a group of query heads.
+    `qk_norm=True` applies a LayerNorm over each head's channels to queries and keys (one
+    pair of norms shared by the heads, as Idefics' `qk_layer_norms_perceiver`).
     """
 
     def __init__(
@@ -199,9 +252,19 @@ class MultiHeadAttention(keras.layers.Layer):
         use_bias=True,
         self_attention=False,
         score_budget_bytes=SCORE_BUDGET_BYTES,
+        num_key_value_heads=None,
+        qk_norm=False,
+        qk_norm_epsilon=1e-5,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if num_key_value_heads is not None and (num_key_value_heads < 1 or num_heads % num_key_value_heads):
+            raise ValueError(
+                f"MultiHeadAttention: `num_key_value_heads` must divide num_heads={num_heads}; "
+                f"received {num_key_value_heads}"
+            )
+        if self_attention and num_key_value_heads not in (None, num_heads):
+            raise ValueError("MultiHeadAttention: `num_key_value_heads` needs self_attention=False")
         for arg, value in (("qk_channels", qk_channels), ("v_channels", v_channels)):
             if value % num_heads:
                 raise ValueError(
@@ -215,6 +278,13 @@ class MultiHeadAttention(keras.layers.Layer):
         self.use_bias = use_bias
         self.self_attention = self_attention
         self.score_budget_bytes = score_budget_bytes
+        self.num_key_value_heads = num_key_value_heads
+        self.qk_norm = qk_norm
+        self.qk_norm_epsilon = qk_norm_epsilon
+
+    @property
+    def _kv_heads(self):
+        return self.num_key_value_heads or self.num_heads
 
     def _projection(self, name, fan_in, fan_out):
         kernel = self.add_weight(
@@ -232,9 +302,16 @@ class MultiHeadAttention(keras.layers.Layer):
         if self.self_attention:
             self.qkv = self._projection("qkv", query_shape[-1], 2 * qk + v)
         else:
+            kv_width = (qk + v) // self.num_heads * self._kv_heads
             self.q = self._projection("q", query_shape[-1], qk)
-            self.kv = self._projection("kv", context_shape[-1], qk + v)
+            self.kv = self._projection("kv", context_shape[-1], kv_width)
         self.out = self._projection("out", v, self.output_channels)
+        if self.qk_norm:
+            head = (None, None, None, qk // self.num_heads)
+            self.q_norm = keras.layers.LayerNormalization(epsilon=self.qk_norm_epsilon, name="q_norm", dtype=self.dtype_policy)
+            self.k_norm = keras.layers.LayerNormalization(epsilon=self.qk_norm_epsilon, name="k_norm", dtype=self.dtype_policy)
+            self.q_norm.build(head)
+            self.k_norm.build(head)
 
     @staticmethod
     def _apply(x, projection):
@@ -242,12 +319,15 @@ class MultiHeadAttention(keras.layers.Layer):
         y = ops.matmul(x, kernel)
         return y if bias is None else y + bias
 
-    def _split_heads(self, x):
+    def _split_heads(self, x, heads=None):
         shape = ops.shape(x)
-        return ops.reshape(x, (shape[0], shape[1], self.num_heads, x.shape[-1] // self.num_heads))
+        heads = heads or self.num_heads
+        return ops.reshape(x, (shape[0], shape[1], heads, x.shape[-1] // heads))
 
     def call(self, query, context=None, key_mask=None):
-        if not self.self_attention and projections_on_query_side(
+        # the moved projections need one key projection per query head and no norm between
+        plain = not self.qk_norm and self._kv_heads == self.num_heads
+        if plain and not self.self_attention and projections_on_query_side(
             query.shape[1], self.num_heads, context.shape[-1], self.qk_channels, self.v_channels
         ):
             return self._apply(self._attend_to_context(query, context, key_mask), self.out)
@@ -260,11 +340,15 @@ class MultiHeadAttention(keras.layers.Layer):
         else:
             q = self._apply(query, self.q)
             kv = self._apply(context, self.kv)
-            k, v = kv[:, :, :qk], kv[:, :, qk:]
+            kv_qk = qk // self.num_heads * self._kv_heads
+            k, v = kv[:, :, :kv_qk], kv[:, :, kv_qk:]
+        q, k, v = self._split_heads(q), self._split_heads(k, self._kv_heads), self._split_heads(v, self._kv_heads)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         out = attention(
-            self._split_heads(q),
-            self._split_heads(k),
-            self._split_heads(v),
+            q,
+            k,
+            v,
             key_mask=key_mask,
             score_budget_bytes=self.score_budget_bytes,
         )
@@ -306,4 +390,7 @@ class MultiHeadAttention(keras.layers.Layer):
             "use_bias": self.use_bias,
             "self_attention": self.self_attention,
             "score_budget_bytes": self.score_budget_bytes,
+            "num_key_value_heads": self.num_key_value_heads,
+            "qk_norm": self.qk_norm,
+            "qk_norm_epsilon": self.qk_norm_epsilon,
         }

@@ -30,23 +30,83 @@ def layer_norm(name, dtype=None):
     return keras.layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, name=name, dtype=dtype)
 
 
+NORMS = ("layer", "rms")
+
+
+def make_norm(kind, name, dtype=None, epsilon=LAYER_NORM_EPSILON):
+    """"layer": LayerNorm (scale and offset); "rms": RMSNorm (scale only, as T5 / Llama /
+    Idefics2: x / sqrt(mean(x^2) + eps) * scale)."""
+    if kind == "layer":
+        return keras.layers.LayerNormalization(epsilon=epsilon, name=name, dtype=dtype)
+    if kind == "rms":
+        return keras.layers.RMSNormalization(epsilon=epsilon, name=name, dtype=dtype)
+    raise ValueError(f"`norm` must be one of {NORMS}; received {kind!r}")
+
+
+def _swiglu(gate, up):
+    return ops.silu(gate) * up
+
+
+@keras.saving.register_keras_serializable(package="keras_perceiver")
+class GatedProjection(keras.layers.Layer):
+    """SwiGLU MLP without norm or biases: dense_out(silu(dense_gate(x)) * dense_in(x)), from
+    the input width to `output_channels` through `hidden_channels` (Idefics2's modality
+    projection)."""
+
+    def __init__(self, hidden_channels, output_channels, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_channels = hidden_channels
+        self.output_channels = output_channels
+
+    def build(self, input_shape):
+        hidden = tuple(input_shape[:-1]) + (self.hidden_channels,)
+        self.dense_gate = keras.layers.Dense(self.hidden_channels, use_bias=False, name="dense_gate", dtype=self.dtype_policy)
+        self.dense_in = keras.layers.Dense(self.hidden_channels, use_bias=False, name="dense_in", dtype=self.dtype_policy)
+        self.dense_out = keras.layers.Dense(self.output_channels, use_bias=False, name="dense_out", dtype=self.dtype_policy)
+        self.dense_gate.build(input_shape)
+        self.dense_in.build(input_shape)
+        self.dense_out.build(hidden)
+
+    def call(self, x):
+        return self.dense_out(_swiglu(self.dense_gate(x), self.dense_in(x)))
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.output_channels,)
+
+    def get_config(self):
+        return {**super().get_config(), "hidden_channels": self.hidden_channels, "output_channels": self.output_channels}
+
+
 @keras.saving.register_keras_serializable(package="keras_perceiver")
 class FeedForward(keras.layers.Layer):
-    """LN -> Dense(widening * width) -> activation -> Dense(width). Returns the update only."""
+    """LN -> Dense(widening * width) -> activation -> Dense(width). Returns the update only.
 
-    def __init__(self, widening_factor=1, activation="gelu", use_bias=True, **kwargs):
+    `activation="swiglu"`: silu(dense_gate(x)) * dense_in(x) in place of the activation (a
+    third, gating Dense). `norm`: "layer" or "rms" (`make_norm`), with `norm_epsilon`.
+    """
+
+    def __init__(
+        self, widening_factor=1, activation="gelu", use_bias=True, norm="layer", norm_epsilon=LAYER_NORM_EPSILON, **kwargs
+    ):
         super().__init__(**kwargs)
         self.widening_factor = widening_factor
         self.activation = activation
         self.use_bias = use_bias
-        self._activation_fn = get_activation(activation)
+        self.norm_kind = norm
+        self.norm_epsilon = norm_epsilon
+        self._activation_fn = None if activation == "swiglu" else get_activation(activation)
 
     def build(self, input_shape):
         width = input_shape[-1]
-        self.norm = layer_norm("norm", self.dtype_policy)
+        self.norm = make_norm(self.norm_kind, "norm", self.dtype_policy, self.norm_epsilon)
         self.dense_in = keras.layers.Dense(
             width * self.widening_factor, use_bias=self.use_bias, name="dense_in", dtype=self.dtype_policy
         )
+        if self.activation == "swiglu":
+            self.dense_gate = keras.layers.Dense(
+                width * self.widening_factor, use_bias=self.use_bias, name="dense_gate", dtype=self.dtype_policy
+            )
+            self.dense_gate.build(input_shape)
         self.dense_out = keras.layers.Dense(
             width, use_bias=self.use_bias, name="dense_out", dtype=self.dtype_policy
         )
@@ -55,7 +115,10 @@ class FeedForward(keras.layers.Layer):
         self.dense_out.build(tuple(input_shape[:-1]) + (width * self.widening_factor,))
 
     def call(self, x):
-        return self.dense_out(self._activation_fn(self.dense_in(self.norm(x))))
+        x = self.norm(x)
+        if self.activation == "swiglu":
+            return self.dense_out(_swiglu(self.dense_gate(x), self.dense_in(x)))
+        return self.dense_out(self._activation_fn(self.dense_in(x)))
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -66,6 +129,8 @@ class FeedForward(keras.layers.Layer):
             "widening_factor": self.widening_factor,
             "activation": self.activation,
             "use_bias": self.use_bias,
+            "norm": self.norm_kind,
+            "norm_epsilon": self.norm_epsilon,
         }
 
 

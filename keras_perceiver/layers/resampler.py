@@ -6,8 +6,8 @@ from typing import Optional
 import keras
 from keras import ops
 
-from keras_perceiver.layers.attention import MultiHeadAttention
-from keras_perceiver.layers.blocks import FeedForward, layer_norm
+from keras_perceiver.layers.attention import MultiHeadAttention, zero_masked
+from keras_perceiver.layers.blocks import LAYER_NORM_EPSILON, NORMS, FeedForward, GatedProjection, make_norm
 
 
 @dataclasses.dataclass
@@ -26,6 +26,31 @@ class ResamplerConfig:
     # Longer inputs than these tables are served by linear interpolation.
     num_media_embeds: Optional[int] = None
     max_num_frames: Optional[int] = None
+    # The Idefics connectors' options; the defaults are Flamingo's.
+    # activation may also be "swiglu" (Idefics2) or "relu" (Idefics, with use_bias=False).
+    norm: str = "layer"  # "layer" | "rms": every norm (media, latents, feed-forward, final)
+    norm_epsilon: float = LAYER_NORM_EPSILON
+    num_key_value_heads: Optional[int] = None  # grouped-query attention; None = num_heads
+    qk_norm: bool = False  # LayerNorm over each head's channels on q and k (Idefics)
+    qk_norm_epsilon: float = LAYER_NORM_EPSILON
+    # Idefics2's modality projection: a SwiGLU MLP (no biases) media_dim -> projection_channels
+    # -> dim applied to the media before the resampler; None = no projection (media width = dim).
+    media_dim: Optional[int] = None
+    projection_channels: Optional[int] = None
+
+    def validate(self):
+        if self.norm not in NORMS:
+            raise ValueError(f"ResamplerConfig: `norm` must be one of {NORMS}; received {self.norm!r}")
+        kv = self.num_key_value_heads
+        if kv is not None and (kv < 1 or self.num_heads % kv):
+            raise ValueError(
+                f"ResamplerConfig: `num_key_value_heads` must divide num_heads={self.num_heads}; received {kv}"
+            )
+        if self.media_dim not in (None, self.dim) and not self.projection_channels:
+            raise ValueError(
+                f"ResamplerConfig: media_dim={self.media_dim} differs from dim={self.dim}: "
+                "set `projection_channels` for the modality projection"
+            )
 
 
 def interpolate_embeddings(table, length):
@@ -45,26 +70,50 @@ def interpolate_embeddings(table, length):
 
 @keras.saving.register_keras_serializable(package="keras_perceiver")
 class ResamplerBlock(keras.layers.Layer):
-    """Latents attend to `concat(LN_m(media), LN_l(latents))`, residual; then residual FF."""
+    """Latents attend to `concat(LN_m(media), LN_l(latents))`, residual; then residual FF.
 
-    def __init__(self, num_heads=8, head_channels=64, ff_mult=4, activation="gelu", use_bias=False, **kwargs):
+    `norm` / `norm_epsilon` choose every norm of the block (LayerNorm or RMSNorm);
+    `num_key_value_heads` gives grouped-query attention, `qk_norm` per-head q/k LayerNorms.
+    """
+
+    def __init__(
+        self,
+        num_heads=8,
+        head_channels=64,
+        ff_mult=4,
+        activation="gelu",
+        use_bias=False,
+        norm="layer",
+        norm_epsilon=LAYER_NORM_EPSILON,
+        num_key_value_heads=None,
+        qk_norm=False,
+        qk_norm_epsilon=LAYER_NORM_EPSILON,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.num_heads = num_heads
         self.head_channels = head_channels
         self.ff_mult = ff_mult
         self.activation = activation
         self.use_bias = use_bias
+        self.norm = norm
+        self.norm_epsilon = norm_epsilon
+        self.num_key_value_heads = num_key_value_heads
+        self.qk_norm = qk_norm
+        self.qk_norm_epsilon = qk_norm_epsilon
 
     def build(self, latents_shape, media_shape, media_mask_shape=None):
         dim = latents_shape[-1]
         inner = self.num_heads * self.head_channels
-        self.media_norm = layer_norm("media_norm", self.dtype_policy)
-        self.latents_norm = layer_norm("latents_norm", self.dtype_policy)
+        self.media_norm = make_norm(self.norm, "media_norm", self.dtype_policy, self.norm_epsilon)
+        self.latents_norm = make_norm(self.norm, "latents_norm", self.dtype_policy, self.norm_epsilon)
         self.attention = MultiHeadAttention(
-            self.num_heads, inner, inner, dim, use_bias=self.use_bias, name="attention", dtype=self.dtype_policy
+            self.num_heads, inner, inner, dim, use_bias=self.use_bias, name="attention", dtype=self.dtype_policy,
+            num_key_value_heads=self.num_key_value_heads, qk_norm=self.qk_norm, qk_norm_epsilon=self.qk_norm_epsilon,
         )
         self.feed_forward = FeedForward(
-            self.ff_mult, self.activation, use_bias=self.use_bias, name="feed_forward", dtype=self.dtype_policy
+            self.ff_mult, self.activation, use_bias=self.use_bias, name="feed_forward", dtype=self.dtype_policy,
+            norm=self.norm, norm_epsilon=self.norm_epsilon,
         )
         self.media_norm.build(media_shape)
         self.latents_norm.build(latents_shape)
@@ -92,6 +141,11 @@ class ResamplerBlock(keras.layers.Layer):
             "ff_mult": self.ff_mult,
             "activation": self.activation,
             "use_bias": self.use_bias,
+            "norm": self.norm,
+            "norm_epsilon": self.norm_epsilon,
+            "num_key_value_heads": self.num_key_value_heads,
+            "qk_norm": self.qk_norm,
+            "qk_norm_epsilon": self.qk_norm_epsilon,
         }
 
 
@@ -100,7 +154,11 @@ class Resampler(keras.layers.Layer):
     """call(media, media_mask=None) -> (B, T, num_latents, dim).
 
     media: (B, V, D), (B, T, V, D) or (B, T, F, V, D) (batch, media items, frames, tokens);
-    media_mask (optional, True = real token): media's shape without D.
+    media_mask (optional, True = real token): media's shape without D. Masked tokens are
+    zeroed on entry: their values (NaN and Inf included) reach neither the output nor the
+    gradients. The latents are always among the keys, so a media item whose tokens are all
+    masked is defined: its latents attend to the latents alone (the output for no media).
+    D is `media_dim` when a modality projection is configured (`projection_channels`), else dim.
     """
 
     def __init__(self, config=None, **kwargs):
@@ -128,14 +186,20 @@ class Resampler(keras.layers.Layer):
                 initializer=keras.initializers.RandomNormal(stddev=1.0),
             )
         latents_shape = (None, c.num_latents, c.dim)
+        self.projection = None
+        if c.projection_channels:
+            self.projection = GatedProjection(c.projection_channels, c.dim, name="projection", dtype=self.dtype_policy)
+            self.projection.build((None, None, c.media_dim or c.dim))
         self.blocks = []
         for i in range(c.depth):
             block = ResamplerBlock(
-                c.num_heads, c.head_channels, c.ff_mult, c.activation, c.use_bias, name=f"block_{i}", dtype=self.dtype_policy
+                c.num_heads, c.head_channels, c.ff_mult, c.activation, c.use_bias, name=f"block_{i}", dtype=self.dtype_policy,
+                norm=c.norm, norm_epsilon=c.norm_epsilon, num_key_value_heads=c.num_key_value_heads,
+                qk_norm=c.qk_norm, qk_norm_epsilon=c.qk_norm_epsilon,
             )
             block.build(latents_shape, (None, None, c.dim))
             self.blocks.append(block)
-        self.norm = layer_norm("norm", self.dtype_policy)
+        self.norm = make_norm(c.norm, "norm", self.dtype_policy, c.norm_epsilon)
         self.norm.build(latents_shape)
 
     @staticmethod
@@ -151,6 +215,11 @@ class Resampler(keras.layers.Layer):
     def call(self, media, media_mask=None):
         c = self.config
         x = self.to_five_dims(media)
+        if media_mask is not None:
+            media_mask = self.to_five_dims(media_mask, has_features=False)
+            x = zero_masked(x, media_mask)
+        if self.projection is not None:
+            x = self.projection(x)  # a masked (zero) token stays zero: no biases
         shape = ops.shape(x)
         batch, times, frames = shape[0], shape[1], shape[2]
         if self.frame_embeddings is not None:
@@ -163,7 +232,7 @@ class Resampler(keras.layers.Layer):
         x = ops.reshape(x, (-1, ops.shape(x)[2], c.dim))  # media items become batch
         mask = None
         if media_mask is not None:
-            mask = ops.reshape(self.to_five_dims(media_mask, has_features=False), (ops.shape(x)[0], -1))
+            mask = ops.reshape(media_mask, (ops.shape(x)[0], -1))
         latents = ops.cast(self.latents, x.dtype)
         latents = ops.broadcast_to(ops.expand_dims(latents, 0), (ops.shape(x)[0], c.num_latents, c.dim))
         for block in self.blocks:

@@ -1,6 +1,9 @@
 """What every model of the zoo shares: one config object, named inputs, input checks."""
 
+import contextlib
 import dataclasses
+import math
+import sys
 
 import keras
 import numpy as np
@@ -35,6 +38,22 @@ class ConfiguredModel(keras.Model):
     Subclasses set `config_class` and implement `build_graph(config, dtype) -> (inputs,
     outputs)` where `inputs` is a dict of named `keras.Input`s. The config is serialised
     once (`get_config()["config"]`) and `.keras` files rebuild the model from it.
+
+    Inputs are checked before they reach a backend: names, ranks, sizes (no axis of size 0)
+    and masks against their data (`check_inputs`), and values where they matter, such as
+    token ids in range (`check_input_values`). Shapes are checked on every call, traced ones
+    included: whatever sizes a trace knows (under `jit`, `tf.function`, an export). Values are
+    checked only where they are concrete: NumPy arrays and eager tensors given to `__call__`,
+    and array x (NumPy, eager tensors, dicts of them) given to `predict`, `evaluate`, `fit`
+    (x and validation x) and the `*_on_batch` methods, checked whole before the first step.
+    What can not be checked: values inside a compiled function (`jit_compile=True`,
+    `jax.jit`, `tf.function`, `torch.compile`), values in batches that a `tf.data.Dataset`, a
+    `PyDataset` or a generator feeds to `fit` / `predict` where the step is traced (JAX;
+    TensorFlow unless `run_eagerly`), and anything in an exported artefact (SavedModel,
+    TFLite, ONNX, CoreML, OpenVINO), whose open sizes are not checked either. There an
+    out-of-range id is not refused and the runtime decides what it reads (JAX reads -1 as
+    the last row and gives NaN past the table); ids at masked positions are safe, since they
+    become 0 before the embedding.
     """
 
     config_class = None
@@ -89,7 +108,14 @@ class ConfiguredModel(keras.Model):
 
     # ----------------------------------------------------------------- input checks
     def standardize_inputs(self, inputs):
-        """Dict of named inputs (a bare tensor goes to `primary_input`), validated."""
+        """Dict of named inputs (a bare tensor goes to `primary_input`), validated: shapes
+        always, values where they are concrete (see the class docstring)."""
+        inputs = self.check_inputs(inputs)
+        self.check_input_values(inputs)
+        return inputs
+
+    def check_inputs(self, inputs):
+        """Names and shapes (not values): safe inside a traced call. Returns the dict."""
         if not isinstance(inputs, dict):
             inputs = {self.primary_input: inputs}
         expected = self.named_inputs
@@ -105,6 +131,8 @@ class ConfiguredModel(keras.Model):
         return inputs
 
     def _check_shape(self, name, shape, expected):
+        if rank_of(shape) is None:  # unknown rank (a generalised TensorFlow trace): nothing to check
+            return
         shape, expected = tuple(shape), tuple(expected)
         ok = len(shape) == len(expected) and all(
             e is None or _known(s) is None or _known(s) == int(e) for s, e in zip(shape, expected)
@@ -114,22 +142,148 @@ class ConfiguredModel(keras.Model):
                 f"{type(self).__name__}: input '{name}' must have shape {_show(expected)}; "
                 f"received {_show(shape)}"
             )
+        self._check_not_empty(name, shape)
+
+    def _check_not_empty(self, name, shape):
+        for axis, size in enumerate(shape):
+            if _known(size) == 0:
+                raise ValueError(
+                    f"{type(self).__name__}: input '{name}' axis {axis} must be at least 1; "
+                    f"received shape {tuple(_known(s) if _known(s) is not None else s for s in shape)}"
+                )
 
     def check_input_relations(self, inputs):
-        """Checks across inputs (e.g. a mask matching its input); subclasses extend."""
+        """Checks across inputs (e.g. a mask matching its input), from shapes only; subclasses extend."""
+
+    def check_input_values(self, inputs):
+        """Checks of values (e.g. ids in range), skipped where they are not concrete
+        (`concrete_values`); subclasses extend."""
 
     def call(self, inputs, training=None, mask=None):
-        # Keras' own build paths (fit's symbolic build) reach `call` without `__call__`.
-        if not isinstance(inputs, dict):
-            inputs = {self.primary_input: inputs}
+        # Keras' own paths reach `call` without `__call__` (fit's symbolic build, and the JAX
+        # trainer's stateless_call in every fit / predict step): shapes are checked here too.
+        inputs = self.check_inputs(inputs)
         return super().call(inputs, training=training, mask=mask)
 
     def __call__(self, inputs, *args, **kwargs):
         return super().__call__(self.standardize_inputs(inputs), *args, **kwargs)
 
+    # ------------------------------------------- the trainer's entry points, checked
+    def _check_data(self, x):
+        """x validated up front when it is array data (NumPy, eager tensors, a dict of them),
+        and given as `standardize_inputs` returns it (one rank per input: TensorFlow's retracing
+        would otherwise generalise two ranks to an unknown one); a dataset or generator is
+        returned as it is, and checked batch by batch (shapes when traced)."""
+        if isinstance(x, dict) and all(hasattr(v, "shape") for v in x.values()) or concrete_values(x) is not None:
+            return self.standardize_inputs(x)
+        return x
+
+    def fit(self, x=None, y=None, *args, **kwargs):
+        x = self._check_data(x)
+        validation = kwargs.get("validation_data")
+        if isinstance(validation, (tuple, list)) and validation:
+            kwargs["validation_data"] = (self._check_data(validation[0]),) + tuple(validation[1:])
+        with _variables_kept_on_error(self):
+            return super().fit(x, y, *args, **kwargs)
+
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        x = self._check_data(x)
+        with _variables_kept_on_error(self):
+            return super().evaluate(x, y, *args, **kwargs)
+
+    def predict(self, x, *args, **kwargs):
+        x = self._check_data(x)
+        with _variables_kept_on_error(self):
+            return super().predict(x, *args, **kwargs)
+
+    def train_on_batch(self, x, y=None, *args, **kwargs):
+        x = self._check_data(x)
+        return super().train_on_batch(x, y, *args, **kwargs)
+
+    def test_on_batch(self, x, y=None, *args, **kwargs):
+        x = self._check_data(x)
+        return super().test_on_batch(x, y, *args, **kwargs)
+
+    def predict_on_batch(self, x):
+        x = self._check_data(x)
+        return super().predict_on_batch(x)
+
+
+@contextlib.contextmanager
+def _variables_kept_on_error(model):
+    """Keras' JAX trainer detaches the variables' values while fit / evaluate / predict run
+    (they travel as the step's state) and reattaches them at the end; an error inside the loop
+    (a batch refused when its step is traced) left every variable empty and the model unusable
+    (Keras 3.15: 'NoneType' object is not callable on the next call). On an error, reattach
+    the last state a step returned, and the values from before the loop to the rest."""
+    if keras.config.backend() != "jax":
+        yield
+        return
+    variables = list(model.trainable_variables) + list(model.non_trainable_variables) + list(model.metrics_variables)
+    if getattr(model, "optimizer", None) is not None:
+        variables += list(model.optimizer.variables)
+    unique = {id(v): v for v in variables}.values()
+    before = [(v, v.value) for v in unique]
+    try:
+        yield
+    except BaseException:
+        try:
+            if getattr(model, "_jax_state", None):
+                model.jax_state_sync()
+            for v, value in before:
+                if getattr(v, "_value", 0) is None:  # detached (private: no public test for it)
+                    v.assign(value)
+            model._jax_state = None
+        except Exception:  # pragma: no cover - keep the original error
+            pass
+        raise
+
+
+def concrete_values(x):
+    """`x` as a NumPy-readable array when its values exist now (a NumPy array, an eager JAX,
+    TensorFlow or PyTorch tensor), else None (symbolic, traced, fake or exported tensors,
+    datasets). Looks at the tensor's type only: imports no backend."""
+    if isinstance(x, np.ndarray):
+        return x
+    root = type(x).__module__.split(".")[0]
+    if root in ("jax", "jaxlib"):
+        jax = sys.modules["jax"]
+        return None if isinstance(x, jax.core.Tracer) else x
+    if root == "tensorflow":
+        tf = sys.modules["tensorflow"]
+        return x if isinstance(x, tf.Tensor) and not tf.is_symbolic_tensor(x) and tf.executing_eagerly() else None
+    if root == "torch":
+        torch = sys.modules["torch"]
+        # FakeTensor / FunctionalTensor (torch.export) are subclasses; dynamo traces real ones
+        if type(x) in (torch.Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling():
+            return x
+    return None
+
+
+def check_index_range(model, name, values, limit, what="indices", limit_name=None):
+    """Raise a ValueError unless every entry of `values` (input `name`) lies in [0, limit).
+    Skipped where the values are not concrete (`concrete_values`); empty inputs pass here (the
+    shape checks refuse them)."""
+    values = concrete_values(values)
+    if values is None or math.prod(values.shape) == 0:
+        return
+    if isinstance(values, np.ndarray):
+        low, high = int(values.min()), int(values.max())
+    else:  # two scalars leave the device, not the array
+        low = int(keras.ops.convert_to_numpy(keras.ops.min(values)))
+        high = int(keras.ops.convert_to_numpy(keras.ops.max(values)))
+    if low < 0 or high >= limit:
+        bound = f"[0, {limit_name}) = [0, {limit})" if limit_name else f"[0, {limit})"
+        raise ValueError(
+            f"{type(model).__name__}: input '{name}' holds {what} in {bound}; "
+            f"received values from {low} to {high}"
+        )
+
 
 def check_mask_matches(model, mask_name, mask_shape, input_name, expected):
     """Raise unless `mask_shape` equals `expected` (the shape of `input_name` it masks)."""
+    if rank_of(mask_shape) is None or rank_of(expected) is None:
+        return
     expected = tuple(expected)
     if len(mask_shape) != len(expected) or any(
         _known(m) is not None and _known(e) is not None and _known(m) != _known(e) for m, e in zip(mask_shape, expected)
@@ -138,6 +292,14 @@ def check_mask_matches(model, mask_name, mask_shape, input_name, expected):
             f"{type(model).__name__}: input '{mask_name}' must have shape {_show(expected)} to match "
             f"'{input_name}'; received {_show(tuple(mask_shape))}"
         )
+
+
+def rank_of(shape):
+    """len(shape), or None for a shape of unknown rank (TensorFlow's TensorShape(None))."""
+    try:
+        return len(shape)
+    except ValueError:
+        return None
 
 
 def _known(size):

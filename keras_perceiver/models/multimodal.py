@@ -5,14 +5,13 @@ import math
 from typing import Optional
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_perceiver.layers.adapters import FeatureAdapter
 from keras_perceiver.layers.blocks import CrossAttentionBlock
 from keras_perceiver.layers.encoder import EncoderConfig, PerceiverEncoder
 from keras_perceiver.layers.position_encoding import FourierPointEncoding, TrainablePositionEncoding
-from keras_perceiver.models.base import ConfiguredModel
+from keras_perceiver.models.base import ConfiguredModel, check_index_range
 
 MODALITIES = ("audio", "image", "label")  # the order they are concatenated in (sorted)
 
@@ -207,13 +206,6 @@ class PerceiverMultimodalAutoencoder(ConfiguredModel):
             "audio_output_points": self.config.audio_patches,
         }
 
-    def check_input_relations(self, inputs):
+    def check_input_values(self, inputs):
         for name, limit in self.output_point_limits.items():
-            points = inputs[name]
-            if isinstance(points, np.ndarray) and points.size:  # checkable without a device sync
-                low, high = int(points.min()), int(points.max())
-                if low < 0 or high >= limit:
-                    raise ValueError(
-                        f"PerceiverMultimodalAutoencoder: input '{name}' holds indices in [0, {limit}); "
-                        f"received values from {low} to {high}"
-                    )
+            check_index_range(self, name, inputs[name], limit)

@@ -6,11 +6,11 @@ from typing import Optional
 import keras
 from keras import ops
 
-from keras_perceiver.layers.adapters import TiedEmbeddingLogits, build_input_adapter
+from keras_perceiver.layers.adapters import GridMask, TiedEmbeddingLogits, ZeroMasked, build_input_adapter
 from keras_perceiver.layers.blocks import CrossAttentionBlock
 from keras_perceiver.layers.encoder import EncoderConfig, PerceiverEncoder
 from keras_perceiver.layers.position_encoding import FourierPositionEncoding, TrainablePositionEncoding
-from keras_perceiver.models.base import ConfiguredModel, check_mask_matches
+from keras_perceiver.models.base import ConfiguredModel, check_index_range, check_mask_matches
 
 
 def _default_input_adapter():
@@ -53,10 +53,18 @@ def _encode(config, dtype):
     if config.use_input_mask:
         inputs["input_mask"] = keras.Input(mask_shape, dtype="bool", name="input_mask")
     adapter = build_input_adapter(spec, dtype=dtype)
-    x = adapter(next(iter(inputs.values())))
+    data = next(iter(inputs.values()))
     mask = None
     if config.use_input_mask:
-        mask = keras.layers.Reshape((-1,), name="flatten_mask")(inputs["input_mask"])
+        data = ZeroMasked(name="zero_masked_inputs", dtype=dtype)(data, inputs["input_mask"])
+        patches = spec.get("patch_size") or spec.get("temporal_patch_size")
+        if spec.get("type") == "features" and (patches or spec.get("conv_stem_channels")):
+            mask = GridMask(
+                spec.get("patch_size"), spec.get("temporal_patch_size"), conv_stem=not patches, name="grid_mask"
+            )(inputs["input_mask"])
+        else:
+            mask = keras.layers.Reshape((-1,), name="flatten_mask")(inputs["input_mask"])
+    x = adapter(data)
     latents = PerceiverEncoder(config.encoder_config(), name="encoder", dtype=dtype)(x, input_mask=mask)
     return inputs, x, latents, adapter
 
@@ -87,6 +95,11 @@ class _ReadWriteModel(ConfiguredModel):
                     f"{type(self).__name__}: input 'token_ids' may have at most max_positions="
                     f"{spec['max_positions']} tokens; received shape {tuple(inputs['token_ids'].shape)}"
                 )
+
+    def check_input_values(self, inputs):
+        if "token_ids" in inputs:
+            vocab = self.config.input_adapter["vocab_size"]
+            check_index_range(self, "token_ids", inputs["token_ids"], vocab, "token ids", "vocab_size")
 
     @property
     def primary_input(self):

@@ -3,14 +3,23 @@
 import dataclasses
 
 import keras
+import numpy as np
 
 from keras_perceiver.layers.resampler import Resampler, ResamplerConfig
-from keras_perceiver.models.base import ConfiguredModel, check_mask_matches
+from keras_perceiver.models.base import ConfiguredModel, check_mask_matches, rank_of
 
 
 @dataclasses.dataclass
 class PerceiverResamplerConfig(ResamplerConfig):
     use_media_mask: bool = False  # adds a `media_mask` input (True = real token)
+    # 5: media (B, T, F, V, D) (ranks 3 and 4 accepted) -> (B, T, num_latents, dim), Flamingo's;
+    # 3: media (B, V, D), mask (B, V) -> (B, num_latents, dim), the Idefics connectors' own.
+    media_rank: int = 5
+
+    def validate(self):
+        super().validate()
+        if self.media_rank not in (3, 5):
+            raise ValueError(f"PerceiverResamplerConfig: `media_rank` must be 3 or 5; received {self.media_rank}")
 
 
 @keras.saving.register_keras_serializable(package="keras_perceiver")
@@ -26,31 +35,50 @@ class PerceiverResampler(ConfiguredModel):
 
     @classmethod
     def build_graph(cls, config, dtype):
-        inputs = {"media": keras.Input((None, None, None, config.dim), name="media")}
+        width, unit_axes = config.media_dim or config.dim, (None,) * (config.media_rank - 2)
+        inputs = {"media": keras.Input(unit_axes + (width,), name="media")}
         if config.use_media_mask:
-            inputs["media_mask"] = keras.Input((None, None, None), dtype="bool", name="media_mask")
+            inputs["media_mask"] = keras.Input(unit_axes, dtype="bool", name="media_mask")
         resampler_config = ResamplerConfig(
             **{f.name: getattr(config, f.name) for f in dataclasses.fields(ResamplerConfig)}
         )
         outputs = Resampler(resampler_config, name="resampler", dtype=dtype)(
             inputs["media"], media_mask=inputs.get("media_mask")
         )
+        if config.media_rank == 3:
+            outputs = keras.ops.squeeze(outputs, axis=1)
         return inputs, outputs
 
-    def standardize_inputs(self, inputs):
+    def check_inputs(self, inputs):
         if not isinstance(inputs, dict):
             inputs = {"media": inputs}
         inputs = dict(inputs)
-        media_rank = len(inputs["media"].shape) if "media" in inputs else 5
+        if self.config.media_rank == 3:  # no unit axes to add: the base checks cover it
+            if "media_mask" in inputs and "media" in inputs:
+                check_mask_matches(self, "media_mask", inputs["media_mask"].shape, "media", inputs["media"].shape[:-1])
+            return super().check_inputs(inputs)
+        media_rank = rank_of(inputs["media"].shape) if "media" in inputs else 5
+        if media_rank is None:  # unknown rank (a generalised TensorFlow trace): nothing to check
+            return inputs
         if media_rank not in (3, 4, 5):
             raise ValueError(
                 f"PerceiverResampler: input 'media' must have rank 3 (batch, V, {self.config.dim}), "
                 f"4 (batch, T, V, {self.config.dim}) or 5 (batch, T, F, V, {self.config.dim}); "
                 f"received shape {tuple(inputs['media'].shape)}"
             )
+        if "media" in inputs:
+            self._check_not_empty("media", inputs["media"].shape)  # the shape as given, before unit axes
         if "media_mask" in inputs:
             check_mask_matches(self, "media_mask", inputs["media_mask"].shape, "media", inputs["media"].shape[:-1])
-            inputs["media_mask"] = Resampler.to_five_dims(inputs["media_mask"], has_features=False)
+            inputs["media_mask"] = _to_five_dims(inputs["media_mask"], has_features=False)
         if "media" in inputs:
-            inputs["media"] = Resampler.to_five_dims(inputs["media"])
-        return super().standardize_inputs(inputs)
+            inputs["media"] = _to_five_dims(inputs["media"])
+        return super().check_inputs(inputs)
+
+
+def _to_five_dims(x, has_features=True):
+    """`Resampler.to_five_dims`, staying NumPy for NumPy input (no device copy for a check)."""
+    if isinstance(x, np.ndarray):
+        rank = x.ndim - (1 if has_features else 0)
+        return x[:, None, None] if rank == 2 else x[:, :, None] if rank == 3 else x
+    return Resampler.to_five_dims(x, has_features)
