@@ -22,3 +22,17 @@ def to_numpy(x):
 
 def weight(variable):
     return np.asarray(keras.ops.convert_to_numpy(variable), dtype="float64")
+
+
+_SMALL_MODELS = {}
+
+
+def small_model(name, **overrides):
+    """`examples.build_small(name, **overrides)`, built once per test process: for tests that
+    feed a model bad inputs (and a few good calls) and never change its weights."""
+    from keras_perceiver.examples import build_small
+
+    key = (name, tuple(sorted(overrides.items())))
+    if key not in _SMALL_MODELS:
+        _SMALL_MODELS[key] = build_small(name, **overrides)
+    return _SMALL_MODELS[key]

@@ -17,14 +17,7 @@ from keras_perceiver.converters import convert_checkpoint, export, export_all
 from keras_perceiver.examples import build_small, example_inputs
 from keras_perceiver.layers.attention import MultiHeadAttention, attention
 
-_MODELS = {}
-
-
-def model(name, **overrides):
-    key = (name, tuple(sorted(overrides.items())))
-    if key not in _MODELS:
-        _MODELS[key] = build_small(name, **overrides)
-    return _MODELS[key]
+from conftest import small_model as model
 
 
 def inputs(name, **changes):

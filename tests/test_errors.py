@@ -5,15 +5,7 @@ from keras.ops import convert_to_tensor
 from keras_perceiver import PerceiverConfig
 from keras_perceiver.examples import build_small, example_inputs
 
-_MODELS = {}
-
-
-def _model(name, **overrides):
-    """Built once per module: these tests feed them bad inputs (and a few good predicts)."""
-    key = (name, tuple(sorted(overrides.items())))
-    if key not in _MODELS:
-        _MODELS[key] = build_small(name, **overrides)
-    return _MODELS[key]
+from conftest import small_model as _model
 
 
 def test_wrong_feature_size_names_input_expected_and_received():
