@@ -324,11 +324,11 @@ def export(
         raise ValueError(problem)
     sources = [model_or_preset] if from_path and Path(model_or_preset).expanduser().is_dir() else []
     path = Path(path).expanduser()
+    marker = f"{path.name or path}{METADATA_SUFFIX} beside it"
+    storage.check_target(path, "export", overwrite, lambda p: _owned(p, path), sources, marker=marker)  # refuses "."
     final = _companion_paths(target, path)
-    for written in [path, *final[:-1], metadata_path(path)]:  # the artefact first: refuses "."
-        storage.check_target(
-            written, "export", overwrite, lambda p: _owned(p, path), sources, marker=f"{metadata_path(path).name} beside it"
-        )
+    for written in [*final[:-1], metadata_path(path)]:
+        storage.check_target(written, "export", overwrite, lambda p: _owned(p, path), sources, marker=marker)
 
     backend, route, _ = ROUTES[target]
     context = f"export to {target!r} via {route} [{backend}] of {_describe_input(model_or_preset, input_shapes, dynamic)}"

@@ -263,7 +263,7 @@ def test_static_onnx_export_at_given_shapes(tmp_path):
     message = str(caught.value)
     assert type(caught.value) is ValueError and len(message.splitlines()) == 1
     assert message.startswith(
-        "export to 'onnx' via torch.export -> torch.onnx (dynamo) [torch] of model 'perceiver_resampler' "
+        f"export to 'onnx' via torch.export -> torch.onnx (dynamo) [torch] of model '{model.name}' "
         "(PerceiverResampler) at input shapes {'media': (1, 2, 12, 64)}, static: "
     )
     assert message.endswith("`input_shapes`['media'] must fit the input's shape (None, None, None, None, 64); received (1, 2, 12, 64)")
@@ -285,11 +285,12 @@ def test_quantized_error_over_the_bound_fails_the_export(tmp_path, monkeypatch):
     monkeypatch.setitem(artefacts.QUANTIZED_ERROR_BOUNDS, "dynamic_int8", 1e-9)
     path = tmp_path / "model.onnx"
     metadata = _forge_artefact(path)
+    model = build_small("perceiver")
     with pytest.raises(ExportVerificationError, match="exceeds the documented bound 1e-09") as caught:
-        export(build_small("perceiver"), "onnx", path, quantize="dynamic_int8", overwrite=True)
+        export(model, "onnx", path, quantize="dynamic_int8", overwrite=True)
     assert isinstance(caught.value, ValueError) and isinstance(caught.value, RuntimeError)  # what callers catch
     assert str(caught.value).startswith(
-        "export to 'onnx' via torch.export -> torch.onnx (dynamo) [torch] of model 'perceiver' (Perceiver) at the "
+        f"export to 'onnx' via torch.export -> torch.onnx (dynamo) [torch] of model '{model.name}' (Perceiver) at the "
         "default example shapes (batch 2, lengths 24): onnx (dynamic_int8): error "
     )
     # the failed export left the earlier artefact and its metadata as they were, and no staging
