@@ -1,5 +1,7 @@
 """Shared by the checkpoint importers: fill a model's variables by path, all or nothing."""
 
+import re
+
 import numpy as np
 
 
@@ -37,3 +39,12 @@ def assign_by_path(model, values):
 def linear(weight, bias=None):
     """torch Linear (out, in) -> Keras kernel (in, out) [, bias]."""
     return to_numpy(weight).T, (None if bias is None else to_numpy(bias))
+
+
+def block_count(state_dict, pattern):
+    """How many numbered blocks a state dict holds: 1 + the largest index `pattern` (a regex
+    with one group, matched at the start of each key) finds. ValueError when it finds none."""
+    found = [int(m.group(1)) for key in state_dict if (m := re.match(pattern, key))]
+    if not found:
+        raise ValueError(f"checkpoint does not match the model: no key matches {pattern!r} (its resampler layers)")
+    return 1 + max(found)

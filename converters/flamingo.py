@@ -1,10 +1,9 @@
 """Import a Perceiver Resampler from an OpenFlamingo or flamingo-pytorch state dict."""
 
-import re
 
 import numpy as np
 
-from keras_perceiver.converters.common import assign_by_path, to_numpy
+from keras_perceiver.converters.common import assign_by_path, block_count, to_numpy
 
 
 def _strip(state_dict):
@@ -23,7 +22,7 @@ def resampler_config_from_state_dict(state_dict, num_heads=8, activation="gelu")
     """
     sd = _strip(state_dict)
     num_latents, dim = sd["latents"].shape
-    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k)))
+    depth = block_count(sd, r"layers\.(\d+)\.")
     inner = sd["layers.0.0.to_q.weight"].shape[0]
     if inner % num_heads:
         raise ValueError(f"num_heads={num_heads} does not divide the attention width {inner}")
@@ -53,7 +52,7 @@ def load_resampler_state_dict(model, state_dict):
         values["resampler/media_time_embeddings"] = time.reshape(time.shape[0], -1)
     if "frame_embs" in sd:
         values["resampler/frame_embeddings"] = sd["frame_embs"]
-    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k)))
+    depth = block_count(sd, r"layers\.(\d+)\.")
     for i in range(depth):
         a, f, ours = f"layers.{i}.0.", f"layers.{i}.1.", f"resampler/block_{i}/"
         values.update(

@@ -14,12 +14,11 @@ shards that hold connector tensors.
 """
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 
-from keras_perceiver.converters.common import assign_by_path, to_numpy
+from keras_perceiver.converters.common import assign_by_path, block_count, to_numpy
 
 IDEFICS2_PREFIX = "connector."
 IDEFICS_PREFIX = "perceiver_resampler."
@@ -96,11 +95,6 @@ def idefics_resampler_config(hf_config):
     )
 
 
-def _depth(sd, pattern):
-    found = [int(m.group(1)) for k in sd if (m := re.match(pattern, k))]
-    if not found:
-        raise ValueError("checkpoint does not match the model: it holds no resampler layers")
-    return 1 + max(found)
 
 
 def idefics2_values(state_dict):
@@ -116,7 +110,7 @@ def idefics2_values(state_dict):
         "resampler/latents": sd[pr + "latents"],
         "resampler/norm/scale": sd[pr + "norm.weight"],
     }
-    for i in range(_depth(sd, r"perceiver_resampler\.layers\.(\d+)\.")):
+    for i in range(block_count(sd, r"perceiver_resampler\.layers\.(\d+)\.")):
         a, ours = f"{pr}layers.{i}.", f"resampler/block_{i}/"
         values.update(
             {
@@ -147,7 +141,7 @@ def idefics_values(state_dict):
         "resampler/norm/gamma": sd["layer_norm.weight"],
         "resampler/norm/beta": sd["layer_norm.bias"],
     }
-    for i in range(_depth(sd, r"blocks\.(\d+)\.")):
+    for i in range(block_count(sd, r"blocks\.(\d+)\.")):
         a, f, ours = f"blocks.{i}.0.", f"blocks.{i}.1.", f"resampler/block_{i}/"
         values.update(
             {
