@@ -14,7 +14,6 @@ PyTorch-only by construction (its profiler records the shapes), so it runs in a 
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from keras_perceiver.backend_process import run_under_backend
 from keras_perceiver.benchmarks.devices import (
     SUSTAINED_WINDOW_S, device_description, gemm_peaks, highest_peak, matmul_calls, sustained_gemm,
 )
-from keras_perceiver.benchmarks.flops import forward_flops
 from keras_perceiver.benchmarks.peers import peer_call, peer_name
 from keras_perceiver.benchmarks.subjects import bench_inputs, bench_model, peer_model
 from keras_perceiver.timing import timed, timed_runs
@@ -148,7 +147,7 @@ def worker(job):
         found = peer_model(name)
         for batch in job["batches"]:
             inputs = bench_inputs(name, batch)
-            flops = forward_flops(model, inputs)
+            flops = model.flops(inputs)
             rows.append(bound_row(name, batch, "ours (Keras on torch, eager)", lambda: outputs_to_numpy(model(inputs)),
                                   flops, job["repeats"]))
             if found is not None:
@@ -170,8 +169,7 @@ def run(presets, batches=(1,), repeats=5, out=None, sustained_s=10.0):
     with tempfile.TemporaryDirectory() as work:
         job = dict(presets=list(presets), batches=list(batches), repeats=repeats, out=os.path.join(work, "r.json"),
                    sustained_s=sustained_s)
-        env = dict(os.environ, KERAS_BACKEND="torch", TF_CPP_MIN_LOG_LEVEL="3")
-        done = subprocess.run([sys.executable, "-m", "keras_perceiver.benchmarks.bound", json.dumps(job)], env=env)
+        done = run_under_backend("keras_perceiver.benchmarks.bound", [json.dumps(job)], "torch")
         if done.returncode:
             raise SystemExit(f"bench-bound: the torch run failed (exit {done.returncode})")
         result = json.loads(Path(job["out"]).read_text())

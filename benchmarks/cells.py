@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from keras_perceiver.benchmarks.devices import device_peak_memory_mb, on_device, wait_for
-from keras_perceiver.benchmarks.flops import forward_flops
 from keras_perceiver.benchmarks.peers import paired_peer_call, paired_peer_name
 from keras_perceiver.benchmarks.subjects import bench_inputs, bench_model, export_bench_model
 from keras_perceiver.timing import timed_runs
@@ -119,7 +118,7 @@ def run_cells(presets, batches, repeats, modes, peaks, dtypes=("float32",), acce
                 forward = compiled_forward(model) if mode == "compiled" else model
                 for batch in batches:
                     inputs = bench_inputs(name, batch)
-                    flops = forward_flops(model, inputs)
+                    flops = model.flops(inputs)
                     if accelerated:
                         inputs = on_device(inputs)
                         fn = lambda: wait_for(forward(inputs))  # noqa: E731
@@ -192,12 +191,12 @@ def run_artefacts(presets, targets, batches, repeats, peaks, paired=False, gpu_p
     Returns (cells, failures): an export that fails (e.g. a quantized file over its error
     bound) is reported on stderr and in `failures` with its reason, and the run goes on.
     `paired`: each cell is timed in alternation with the float32 peer (`paired_peer_ms`)."""
-    from keras_perceiver.converters.artefacts import SUFFIXES, _runner
+    from keras_perceiver.converters.artefacts import SUFFIXES, artefact_runner
 
     cells, failures = [], []
     for name in presets:
         model = bench_model(name)
-        flops = {batch: forward_flops(model, bench_inputs(name, batch)) for batch in batches}
+        flops = {batch: model.flops(bench_inputs(name, batch)) for batch in batches}
         for spec in targets:
             target, _, option = spec.partition(":")
             static = option == STATIC
@@ -224,7 +223,7 @@ def run_artefacts(presets, targets, batches, repeats, peaks, paired=False, gpu_p
                                 continue
                             break
                         export_s = time.perf_counter() - start
-                    run = _runner(target, str(path), quantize)
+                    run = artefact_runner(target, str(path), quantize)
                     times, extra = _measured(lambda: run(inputs), name, batch, repeats, paired)
                     cells.append(_cell(name, "artefact", mode, batch, times, export_s, flops[batch], cell_peak,
                                        max_rel_error=report.max_rel_error, **extra))

@@ -43,13 +43,15 @@ def peer_name(model):
 
 def peer_call(fn, model, args):
     """A no-argument call of the peer `model` (through `fn`: the model or its compiled form) on
-    the tensors `to_torch` made: (token ids, mask) for the language model, (media,) for the
-    resampler, (pixels,) for the image models."""
-    if len(args) == 2:
-        return lambda: fn(inputs=args[0], attention_mask=args[1])
-    if "Resampler" in type(model).__name__:
-        return lambda: fn(*args)
-    return lambda: fn(inputs=args[0])
+    the tensors its arguments builder made (`subjects.build_peer`): transformers' Perceiver
+    heads take them by keyword ((token ids, mask) for the language model, (pixels,) for the
+    image models); the resamplers and Idefics2's connector in order ((media,), or
+    Idefics2Connector's (image_hidden_states, attention_mask))."""
+    if type(model).__name__.startswith("PerceiverFor"):
+        if len(args) == 2:
+            return lambda: fn(inputs=args[0], attention_mask=args[1])
+        return lambda: fn(inputs=args[0])
+    return lambda: fn(*args)
 
 
 def run_peers(presets, batches, repeats, compiled=False, dtypes=("float32",), peaks=None, accelerated=False):

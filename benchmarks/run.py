@@ -10,12 +10,12 @@ real sizes with random weights unless they ship weights.
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from keras_perceiver.backend_process import run_under_backend
 from keras_perceiver.benchmarks.cells import run_artefacts, run_cells
 from keras_perceiver.benchmarks.devices import (
     accelerator_gemm_peaks, accelerators, bfloat16_gemm_peak, device_description, gemm_peaks, highest_peak, jax_gemm_peaks,
@@ -136,8 +136,7 @@ def run(presets, backends, batches=(1,), repeats=5, modes=("eager", "compiled"),
             job = dict(presets=presets, batches=list(batches), repeats=repeats, modes=list(modes), out=os.path.join(work, "r.json"),
                        peers=peers and backend == "torch", targets=list(targets) if index == 0 else [], gemm_peaks=peaks,
                        bfloat16_peak=bf16_peak, accelerator_peaks=accelerator_peaks, dtypes=list(dtypes), paired=paired)
-            env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-            done = subprocess.run([sys.executable, "-m", "keras_perceiver.benchmarks.run", json.dumps(job)], env=env)
+            done = run_under_backend("keras_perceiver.benchmarks.run", [json.dumps(job)], backend)
             if done.returncode:
                 raise SystemExit(f"bench: the {backend} run failed (exit {done.returncode})")
             results["runs"].append(json.loads(Path(job["out"]).read_text()))

@@ -5,13 +5,13 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from keras_perceiver.backend_process import run_under_backend
 from keras_perceiver.timing import timed
 
 SCALE_CONFIG = dict(  # a Perceiver encoder reading M 1-D points with 3 features into 256 latents
@@ -47,8 +47,7 @@ def scale(lengths, backend="jax", repeats=3, plot_out=None):
     for index, length in enumerate(lengths):
         with tempfile.TemporaryDirectory() as work:
             job = dict(length=length, repeats=repeats, out=os.path.join(work, "r.json"))
-            env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-            done = subprocess.run([sys.executable, "-m", "keras_perceiver.benchmarks.scaling", json.dumps(job)], env=env)
+            done = run_under_backend("keras_perceiver.benchmarks.scaling", [json.dumps(job)], backend)
             if done.returncode:
                 raise SystemExit(f"bench-scale: M={length} failed under {backend} (exit {done.returncode})")
             rows.append(json.loads(Path(job["out"]).read_text()))

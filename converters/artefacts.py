@@ -21,13 +21,14 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 
 import keras_perceiver
 from keras_perceiver import storage
+from keras_perceiver.backend_process import run_under_backend
 from keras_perceiver.timing import timed_runs
 
 # target -> (backend the conversion runs under, route, runtime that verifies it)
@@ -57,6 +58,8 @@ FLOAT32_TOLERANCE = 1e-4
 COREML_MAX_OPEN_SIZE = 8192  # upper bound of a CoreML RangeDim where the model sets none
 METADATA_SUFFIX = ".keras-perceiver.json"
 WRITER = "keras_perceiver"
+# marks the export process' progress lines on its stderr, which the caller passes through
+PROGRESS_PREFIX = "keras-perceiver progress: "
 
 
 class ExportVerificationError(ValueError, RuntimeError):
@@ -119,6 +122,22 @@ def weights_problem(model_or_preset, random_weights=False):
     if os.fspath(model_or_preset).startswith(presets.HF_PREFIX):
         return None  # resolved (downloaded) by the export process, which checks it there
     return _no_weights_message(*presets.resolve_preset(model_or_preset))
+
+
+def with_original_weights(model_or_preset, random_weights=False):
+    """A zoo preset that ships no weights but names a public original checkpoint -> the
+    directory of its first-use conversion (fetched and cached now: `presets.cached_original`);
+    anything else, or with `random_weights`, as given."""
+    from keras_perceiver import presets
+
+    if random_weights or not isinstance(model_or_preset, (str, os.PathLike)):
+        return model_or_preset
+    if os.fspath(model_or_preset).startswith(presets.HF_PREFIX):
+        return model_or_preset
+    kind, source = presets.resolve_preset(model_or_preset)
+    if kind == "zoo" and not source.get("weights") and source.get("original"):
+        return str(presets.cached_original(source))
+    return model_or_preset
 
 
 def _no_weights_message(kind, source):
@@ -278,7 +297,7 @@ def _worker_error(done, error_file, context):
 
 def export(
     model_or_preset, target, path, input_shapes=None, dynamic=True, quantize=None, verify=True, overwrite=False,
-    random_weights=False,
+    random_weights=False, progress=True,
 ):
     """Convert `model_or_preset` (a keras_perceiver model, a preset name or directory) to
     `target` at `path`, verify it in its runtime, and return an ExportReport.
@@ -294,7 +313,10 @@ def export(
     file), only when keras_perceiver wrote it (its metadata file says so): a user's file or
     directory, the current directory and the preset being exported are never replaced;
     random_weights: export a preset that ships no weights with random ones (the metadata and
-    the report say `weights: "random"`); without it such a preset raises a ValueError.
+    the report say `weights: "random"`); without it such a preset raises a ValueError;
+    progress: print each step (loading, converting, verifying, done in how long with what
+    error) to stderr as it happens, on by default as Keras' own `Model.export(verbose=True)`
+    and `fit(verbose="auto")` are; False for silence.
 
     Writes `<path>.keras-perceiver.json` beside the artefact (`read_metadata`). Errors of the
     export process come back as their type (ValueError, ImportError, ...; a failed check as
@@ -318,6 +340,7 @@ def export(
             f"received {quantize!r}"
         )
     _check_requirements(target)
+    model_or_preset = with_original_weights(model_or_preset, random_weights)
     from_path = isinstance(model_or_preset, (str, os.PathLike))
     problem = weights_problem(model_or_preset, random_weights)
     if problem:
@@ -332,6 +355,9 @@ def export(
 
     backend, route, _ = ROUTES[target]
     context = f"export to {target!r} via {route} [{backend}] of {_describe_input(model_or_preset, input_shapes, dynamic)}"
+    started = time.perf_counter()
+    if progress:
+        print(f"export {target}: starting a {backend} process for {route}...", file=sys.stderr, flush=True)
     staging = storage.new_staging_dir(path)
     try:
         if from_path:
@@ -346,11 +372,11 @@ def export(
             verify=verify, random_weights=bool(random_weights), report=str(staging / "report.json"),
             error=str(staging / "error.json"), work=str(staging / "work"),
             error_bound=quantized_error_bound(model_or_preset, quantize) if quantize else FLOAT32_TOLERANCE,
+            progress=bool(progress),
         )
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-        done = subprocess.run(
-            [sys.executable, "-m", "keras_perceiver.converters.artefacts", json.dumps(job)],
-            env=env, capture_output=True, text=True,
+        done = run_under_backend(
+            "keras_perceiver.converters.artefacts", [json.dumps(job)], backend, capture=True,
+            pass_through_prefix=PROGRESS_PREFIX,
         )
         if done.returncode:
             raise _worker_error(done, job["error"], context)
@@ -381,7 +407,20 @@ def export(
         _commit_artefact(staged, final, staged_metadata, metadata_path(path))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if progress:
+        print(f"export {target}: done in {time.perf_counter() - started:.1f} s, {_errors_said(report)}",
+              file=sys.stderr, flush=True)
     return report
+
+
+def _errors_said(report):
+    """The report's errors in a few words, for the progress line."""
+    if not report.verified:
+        return "not verified (verify=False)"
+    said = f"max abs error {report.max_abs_error:.1e}"
+    if report.quantize:
+        said += f", {report.max_rel_error:.1e} of the output range (bound {report.error_bound})"
+    return said
 
 
 # ------------------------------------------------------------------ worker side
@@ -391,6 +430,7 @@ def _load(job):
     import keras
 
     import keras_perceiver as kp
+    import keras_perceiver.models  # noqa: F401 (registers the classes a .keras file names)
     from keras_perceiver.presets import resolve_preset
 
     if "keras_file" in job:
@@ -663,15 +703,17 @@ def _coreml(model, job):
     return program, bool(described)
 
 
-def _runner(target, out, quantize=None):
-    """-> function(inputs dict) -> {output name: NumPy array}, in the artefact's runtime
-    (an OpenVINO artefact in bf16 where `quantize` is "bfloat16"; CoreML's on macOS only)."""
+def artefact_runner(target, path, quantize=None):
+    """The artefact of `target` at `path`, loaded in its own runtime (`ROUTES`), as a function
+    {input name: NumPy array} -> {output name: NumPy array}: what the export verifies and the
+    benchmarks time. An OpenVINO artefact runs in bf16 where `quantize` is "bfloat16"; a
+    CoreML one only on macOS (elsewhere a RuntimeError saying so)."""
     import numpy as np
 
     if target == "saved_model":
         import tensorflow as tf
 
-        fn = tf.saved_model.load(out).signatures["serving_default"]
+        fn = tf.saved_model.load(path).signatures["serving_default"]
         return lambda x: {k: v.numpy() for k, v in fn(**{k: tf.constant(v) for k, v in x.items()}).items()}
     if target == "tflite":
         from ai_edge_litert.interpreter import Interpreter
@@ -681,14 +723,14 @@ def _runner(target, out, quantize=None):
         def run(x):
             key = tuple((k, v.shape) for k, v in sorted(x.items()))
             if key not in runners:
-                runners[key] = Interpreter(model_path=out).get_signature_runner()
+                runners[key] = Interpreter(model_path=path).get_signature_runner()
             return runners[key](**x)
 
         return run
     if target == "onnx":
         import onnxruntime as ort
 
-        session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         names = [i.name for i in session.get_inputs()]  # the model's input names
         outputs = [o.name for o in session.get_outputs()]
         return lambda x: dict(zip(outputs, session.run(None, {n: x[n] for n in names})))
@@ -699,18 +741,18 @@ def _runner(target, out, quantize=None):
             raise RuntimeError(f"coreml: predictions need macOS (the CoreML runtime); this system is {platform.system()}")
         import coremltools as ct
 
-        mlmodel = ct.models.MLModel(out)  # compute units: all (CPU, GPU, Neural Engine), as an app loads it
+        mlmodel = ct.models.MLModel(path)  # compute units: all (CPU, GPU, Neural Engine), as an app loads it
         # the file's masks are float inputs (CoreML has no bool inputs)
         return lambda x: mlmodel.predict({k: v.astype("float32") if v.dtype == bool else v for k, v in x.items()})
     if target == "openvino":
         import openvino as ov
 
-        compiled = ov.Core().compile_model(out, "CPU", {"INFERENCE_PRECISION_HINT": openvino_precision(quantize)})
+        compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": openvino_precision(quantize)})
         return lambda x: {
             "|".join(sorted(port.get_names())) or str(i): np.asarray(value)
             for i, (port, value) in enumerate(compiled(x).items())
         }
-    raise ValueError(target)
+    raise ValueError(f"artefact_runner: `target` must be one of {list(ROUTES)}; received {target!r}")
 
 
 def output_keys(model):
@@ -737,12 +779,19 @@ def select_outputs(outputs, keys, target):
     return np.concatenate(parts, axis=1)
 
 
+def _progress(job, step):
+    """One progress line on stderr, marked for the parent to pass through, when asked for."""
+    if job.get("progress"):
+        print(f"{PROGRESS_PREFIX}export {job['target']}: {step}", file=sys.stderr, flush=True)
+
+
 def worker(job):
     import keras
     import numpy as np
 
     from keras_perceiver.examples import outputs_to_numpy
 
+    _progress(job, "loading the model...")
     model, weights, notes = _load(job)
     model(_sizes(model, job)[0])  # build every layer before converting
     target = job["target"]
@@ -752,6 +801,7 @@ def worker(job):
     work = Path(job["work"])  # intermediates (a SavedModel), in the export's staging directory
     work.mkdir(parents=True, exist_ok=True)
     try:
+        _progress(job, "converting...")
         converted = _convert(model, job, str(work))
         size = sum(f.stat().st_size for f in Path(job["out"]).rglob("*")) if Path(job["out"]).is_dir() else Path(job["out"]).stat().st_size
         if target == "openvino":
@@ -775,6 +825,8 @@ def worker(job):
 
                 import torch
 
+                _progress(job, "verifying the converted torch.export program" + (
+                    " and in CoreML..." if platform.system() == "Darwin" else " (CoreML predictions need macOS)..."))
                 program = converted[0].module()
                 sets = []
                 for inputs in _sizes(model, dict(job, dynamic=dynamic)):
@@ -782,7 +834,7 @@ def worker(job):
                     got = outputs_to_numpy(keras.tree.map_structure(lambda t: t.detach().numpy(), got))
                     sets.append((outputs_to_numpy(model(inputs)), got, inputs))
                 if platform.system() == "Darwin":
-                    run = _runner(target, job["out"])
+                    run = artefact_runner(target, job["out"])
                     for expected, _, inputs in list(sets):
                         sets.append((expected, select_outputs(run(inputs), output_keys(model), target), inputs))
                     notes = (notes + "; " if notes else "") + "CoreML predictions checked on macOS"
@@ -791,7 +843,8 @@ def worker(job):
                         "CoreML predictions need macOS: checked the converted torch.export program"
                     )
             else:
-                run = _runner(target, job["out"], job["quantize"])
+                _progress(job, f"verifying in {ROUTES[target][2]}...")
+                run = artefact_runner(target, job["out"], job["quantize"])
                 sets = []
                 for inputs in _sizes(model, job):
                     expected = outputs_to_numpy(model(inputs))
@@ -849,22 +902,24 @@ def _worker_main(job):
         sys.exit(1)
 
 
-def export_all(model_or_preset, targets, directory, quantize=None, overwrite=False, random_weights=False):
+def export_all(model_or_preset, targets, directory, quantize=None, overwrite=False, random_weights=False,
+               progress=True):
     """Export to each target into `directory` (named after the preset). `quantize` must apply
-    to every target (ValueError naming the valid values per target otherwise). Returns the
-    reports."""
+    to every target (ValueError naming the valid values per target otherwise); `progress`:
+    each target's steps on stderr, as in `export`. Returns the reports."""
     problem = quantize_problem(targets, quantize)
     if problem:
         raise ValueError(problem)
+    name = Path(str(model_or_preset)).name if isinstance(model_or_preset, (str, os.PathLike)) else model_or_preset.name
+    model_or_preset = with_original_weights(model_or_preset, random_weights)
     problem = weights_problem(model_or_preset, random_weights)
     if problem:
         raise ValueError(problem)
-    name = Path(str(model_or_preset)).name if isinstance(model_or_preset, (str, os.PathLike)) else model_or_preset.name
     reports = []
     for target in targets:
         path = Path(directory) / (name + (f"_{quantize}" if quantize else "") + SUFFIXES[target])
         reports.append(export(model_or_preset, target, path, quantize=quantize, overwrite=overwrite,
-                              random_weights=random_weights))
+                              random_weights=random_weights, progress=progress))
     return reports
 
 

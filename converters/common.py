@@ -4,6 +4,8 @@ import re
 
 import numpy as np
 
+STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")  # the files a flamingo state dict is read from
+
 
 def to_numpy(tensor):
     """A torch tensor (or anything array-like) as a float32/int NumPy array."""

@@ -1,5 +1,6 @@
 """Import a Perceiver Resampler from an OpenFlamingo or flamingo-pytorch state dict."""
 
+import dataclasses
 
 import numpy as np
 
@@ -40,6 +41,27 @@ def resampler_config_from_state_dict(state_dict, num_heads=8, activation="gelu")
         num_media_embeds=None if time is None else int(time.shape[0]),
         max_num_frames=None if frames is None else int(frames.shape[0]),
     )
+
+
+def flamingo_pytorch_kwargs(config, num_media_embeds=None):
+    """flamingo-pytorch `PerceiverResampler` keyword arguments for our resampler `config`
+    (a dict; missing fields take our defaults): the inverse of
+    `resampler_config_from_state_dict`. flamingo-pytorch always adds learned time embeddings:
+    where `config` has none, `num_media_embeds` says how many the module gets. ValueError for
+    a field flamingo-pytorch cannot express."""
+    from keras_perceiver.models.resampler import PerceiverResamplerConfig
+
+    c = dataclasses.asdict(PerceiverResamplerConfig(**config))
+    fixed = dict(activation="gelu", use_bias=False, max_num_frames=None, norm="layer", norm_epsilon=1e-5,
+                 num_key_value_heads=None, qk_norm=False, media_dim=None, use_media_mask=False)
+    unlike = [f"{k}: expected {v!r}, received {c[k]!r}" for k, v in fixed.items() if c[k] != v]
+    if unlike:
+        raise ValueError(f"flamingo-pytorch's PerceiverResampler cannot express the config ({'; '.join(unlike)})")
+    embeds = c["num_media_embeds"] or num_media_embeds
+    if not embeds:
+        raise ValueError("num_media_embeds: flamingo-pytorch needs its number of time embeddings; received None")
+    return dict(dim=c["dim"], depth=c["depth"], dim_head=c["head_channels"], heads=c["num_heads"],
+                num_latents=c["num_latents"], num_media_embeds=embeds, ff_mult=c["ff_mult"])
 
 
 def load_resampler_state_dict(model, state_dict):

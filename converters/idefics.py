@@ -13,7 +13,9 @@ it is stripped. Weights are matched to variable paths, all or nothing (`assign_b
 shards that hold connector tensors.
 """
 
+import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -50,51 +52,92 @@ def family_of(hf_config):
     raise ValueError(f"expected an Idefics2 or Idefics config (model_type); received {model_type!r}")
 
 
+# (our field, sub-config, transformers field, transformers' default): each family's table,
+# read by both directions; *_FIXED: what the family itself fixes
+IDEFICS2_FIELDS = (
+    ("dim", "text_config", "hidden_size", 4096),
+    ("depth", "perceiver_config", "resampler_depth", 3),
+    ("num_heads", "perceiver_config", "resampler_n_heads", 16),
+    ("head_channels", "perceiver_config", "resampler_head_dim", 96),
+    ("num_latents", "perceiver_config", "resampler_n_latents", 64),
+    ("norm_epsilon", "perceiver_config", "rms_norm_eps", 1e-6),
+    ("num_key_value_heads", "perceiver_config", "num_key_value_heads", 4),
+    ("media_dim", "vision_config", "hidden_size", 1152),
+    ("projection_channels", "text_config", "intermediate_size", 14336),
+)
+IDEFICS2_FIXED = dict(ff_mult=4, activation="swiglu", use_bias=False, norm="rms", media_rank=3, use_media_mask=True)
+IDEFICS_FIELDS = (
+    ("dim", "vision_config", "embed_dim", 768),
+    ("depth", "perceiver_config", "resampler_depth", 6),
+    ("num_heads", "perceiver_config", "resampler_n_heads", 16),
+    ("head_channels", "perceiver_config", "resampler_head_dim", 96),
+    ("num_latents", "perceiver_config", "resampler_n_latents", 64),
+    ("qk_norm", "perceiver_config", "qk_layer_norms_perceiver", False),
+)
+IDEFICS_FIXED = dict(ff_mult=4, activation="relu", use_bias=False, media_rank=3, use_media_mask=False)
+
+
+def _from_table(sections, fields, fixed):
+    """Our config from transformers' sub-configs ({name: dict}) through a family's table."""
+    config = {ours: type(default)(sections[section].get(theirs, default)) for ours, section, theirs, default in fields}
+    return {**config, **fixed}
+
+
 def idefics2_connector_config(hf_config):
     """PerceiverResampler config dict of an Idefics2Config's connector."""
     c = _as_dict(hf_config)
     vision, text, perceiver = _sub(c, "vision_config"), _sub(c, "text_config"), _sub(c, "perceiver_config")
     if perceiver.get("hidden_act", "silu") != "silu" or text.get("hidden_act", "silu") != "silu":
         raise ValueError("Idefics2 connector: only the SiLU-gated (SwiGLU) MLPs are supported")
-    heads = perceiver.get("resampler_n_heads", 16)
-    return dict(
-        dim=int(text.get("hidden_size", perceiver.get("hidden_size", 4096))),
-        depth=int(perceiver.get("resampler_depth", 3)),
-        num_heads=int(heads),
-        head_channels=int(perceiver.get("resampler_head_dim", 96)),
-        num_latents=int(perceiver.get("resampler_n_latents", 64)),
-        ff_mult=4,
-        activation="swiglu",
-        use_bias=False,
-        norm="rms",
-        norm_epsilon=float(perceiver.get("rms_norm_eps", 1e-6)),
-        num_key_value_heads=int(perceiver.get("num_key_value_heads", 4)),
-        media_dim=int(vision.get("hidden_size", 1152)),
-        projection_channels=int(text.get("intermediate_size", 14336)),
-        media_rank=3,
-        use_media_mask=True,
-    )
+    text = {"hidden_size": perceiver.get("hidden_size", 4096), **text}  # the resampler's width where text has none
+    sections = {"vision_config": vision, "text_config": text, "perceiver_config": perceiver}
+    return _from_table(sections, IDEFICS2_FIELDS, IDEFICS2_FIXED)
 
 
 def idefics_resampler_config(hf_config):
     """PerceiverResampler config dict of an IdeficsConfig's perceiver resampler."""
     c = _as_dict(hf_config)
     vision, perceiver = _sub(c, "vision_config"), _sub(c, "perceiver_config")
-    return dict(
-        dim=int(vision.get("embed_dim", vision.get("hidden_size", 768))),
-        depth=int(perceiver.get("resampler_depth", 6)),
-        num_heads=int(perceiver.get("resampler_n_heads", 16)),
-        head_channels=int(perceiver.get("resampler_head_dim", 96)),
-        num_latents=int(perceiver.get("resampler_n_latents", 64)),
-        ff_mult=4,
-        activation="relu",
-        use_bias=False,
-        qk_norm=bool(perceiver.get("qk_layer_norms_perceiver", False)),
-        media_rank=3,
-        use_media_mask=False,
-    )
+    vision = {"embed_dim": vision.get("hidden_size", 768), **vision}
+    return _from_table({"vision_config": vision, "perceiver_config": perceiver}, IDEFICS_FIELDS, IDEFICS_FIXED)
 
 
+def _to_table(config, model_type, fields, fixed, sections, to_ours):
+    """The transformers config dict (`model_type` and its sub-configs, starting from
+    `sections`) of our `config` through a family's table; `to_ours` (that family's
+    `*_config`) reads it back, and any field that does not survive the round trip is one
+    the family cannot express: ValueError naming it."""
+    from keras_perceiver.models.resampler import PerceiverResamplerConfig
+
+    ours = dataclasses.asdict(PerceiverResamplerConfig(**config))
+    for field, section, theirs, _ in fields:
+        sections[section][theirs] = ours[field]
+    hf_config = {"model_type": model_type, **sections}
+    back = dataclasses.asdict(PerceiverResamplerConfig(**to_ours(hf_config)))
+    lost = [f"{k}: expected {back[k]!r}, received {v!r}" for k, v in ours.items() if back[k] != v]
+    if lost:
+        raise ValueError(f"{model_type}: the config holds fields transformers' {model_type} cannot express ({'; '.join(lost)})")
+    return hf_config
+
+
+def idefics2_transformers_config(config):
+    """The Idefics2Config dict (vision, text and perceiver sub-configs; give it to
+    transformers.Idefics2Config or to `from_state_dict`) whose connector is our `config`:
+    the inverse of `idefics2_connector_config`."""
+    from keras_perceiver.models.resampler import PerceiverResamplerConfig
+
+    config = dataclasses.asdict(PerceiverResamplerConfig(**config))
+    config["num_key_value_heads"] = config["num_key_value_heads"] or config["num_heads"]  # ours: None is one per head
+    sections = {"vision_config": {}, "text_config": {"model_type": "mistral", "hidden_act": "silu"},
+                "perceiver_config": {"hidden_act": "silu", "hidden_size": config["dim"]}}
+    return _to_table(config, "idefics2", IDEFICS2_FIELDS, IDEFICS2_FIXED, sections, idefics2_connector_config)
+
+
+def idefics_transformers_config(config):
+    """The IdeficsConfig dict (vision and perceiver sub-configs) whose perceiver resampler is
+    our `config`: the inverse of `idefics_resampler_config`."""
+    sections = {"vision_config": {}, "perceiver_config": {"use_resampler": True}}
+    return _to_table(config, "idefics", IDEFICS_FIELDS, IDEFICS_FIXED, sections, idefics_resampler_config)
 
 
 def idefics2_values(state_dict):
@@ -185,25 +228,32 @@ def from_state_dict(state_dict, hf_config):
     return load_state_dict(PerceiverResampler(config), state_dict, family)
 
 
-def _is_connector_key(key, family):
+def is_connector_key(key, family):
+    """Whether checkpoint tensor `key` belongs to the connector of `family` ("idefics2"/"idefics")."""
     prefix = IDEFICS2_PREFIX if family == "idefics2" else IDEFICS_PREFIX
     return key.startswith(prefix) or f".{prefix}" in key
 
 
-def read_connector_tensors(directory, family, safe_open=None):
+def connector_shards(weight_map, family):
+    """{shard file: [connector tensor names]} from a safetensors index's weight map."""
+    shards = {}
+    for key, shard in weight_map.items():
+        if is_connector_key(key, family):
+            shards.setdefault(shard, []).append(key)
+    return shards
+
+
+def read_connector_tensors(directory, family, safe_open=None, progress=True):
     """{name: array} of the connector tensors in a `save_pretrained` directory, reading
     `model.safetensors.index.json` and opening only the shards that hold them (a single
-    `model.safetensors` without index is opened whole, reading only connector tensors)."""
+    `model.safetensors` without index is opened whole, reading only connector tensors).
+    progress: one line on stderr per shard opened (large shards take a while to read)."""
     if safe_open is None:
         from safetensors import safe_open
     directory = Path(directory)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        shards = {}
-        for key, shard in weight_map.items():
-            if _is_connector_key(key, family):
-                shards.setdefault(shard, []).append(key)
+        shards = connector_shards(json.loads(index.read_text())["weight_map"], family)
     elif (directory / "model.safetensors").is_file():
         shards = {"model.safetensors": None}
     else:
@@ -211,20 +261,24 @@ def read_connector_tensors(directory, family, safe_open=None):
     if not shards:
         raise ValueError(f"convert: the safetensors index in {str(directory)!r} names no {family} connector tensors")
     tensors = {}
-    for shard, keys in sorted(shards.items()):
+    for number, (shard, keys) in enumerate(sorted(shards.items()), 1):
+        if progress:
+            what = f"{len(keys)} connector tensors" if keys is not None else "its connector tensors"
+            print(f"convert: reading {what} from {shard} (shard {number} of {len(shards)})", file=sys.stderr, flush=True)
         # torch, not NumPy: NumPy has no bfloat16, the dtype many checkpoints are stored in
         with safe_open(str(directory / shard), framework="pt") as f:
-            for key in keys if keys is not None else [k for k in f.keys() if _is_connector_key(k, family)]:
+            for key in keys if keys is not None else [k for k in f.keys() if is_connector_key(k, family)]:
                 tensors[key] = to_numpy(f.get_tensor(key))
     return tensors
 
 
-def from_checkpoint_directory(directory, safe_open=None):
+def from_checkpoint_directory(directory, safe_open=None, progress=True):
     """A transformers Idefics2 / Idefics `save_pretrained` directory -> its connector as a
-    PerceiverResampler; the language model's shards are never opened."""
+    PerceiverResampler; the language model's shards are never opened. progress: a line on
+    stderr per shard opened."""
     config = json.loads((Path(directory) / "config.json").read_text())
     family = family_of(config)
-    return from_state_dict(read_connector_tensors(directory, family, safe_open=safe_open), config)
+    return from_state_dict(read_connector_tensors(directory, family, safe_open=safe_open, progress=progress), config)
 
 
 def is_idefics_checkpoint(directory):

@@ -7,6 +7,8 @@ channels-last here ((B, H, W, C), (B, T, H, W, C)), where transformers takes (B,
 (B, T, C, H, W).
 """
 
+import dataclasses
+
 import numpy as np
 
 from keras_perceiver.converters.common import assign_by_path, linear, to_numpy
@@ -22,23 +24,73 @@ SUPPORTED = (
 IMAGE_CLASSIFIERS = SUPPORTED[1:4]
 
 
+# (our field, transformers' PerceiverConfig field): the encoder's fields, read both ways
+ENCODER_FIELDS = (
+    ("num_latents", "num_latents"),
+    ("latent_channels", "d_latents"),
+    ("num_blocks", "num_blocks"),
+    ("num_self_attends_per_block", "num_self_attends_per_block"),
+    ("num_self_attention_heads", "num_self_attention_heads"),
+    ("num_cross_attention_heads", "num_cross_attention_heads"),
+    ("self_attention_qk_channels", "qk_channels"),
+    ("self_attention_v_channels", "v_channels"),
+    ("cross_attention_qk_channels", "qk_channels"),
+    ("cross_attention_v_channels", "v_channels"),
+    ("self_attention_widening_factor", "self_attention_widening_factor"),
+    ("cross_attention_widening_factor", "cross_attention_widening_factor"),
+    ("use_query_residual", "use_query_residual"),
+)
+ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_approximate", "relu": "relu"}  # transformers' -> ours
+OUR_CLASSES = {  # the keras_perceiver class each supported head converts to
+    "PerceiverForMaskedLM": "PerceiverIO",
+    **{name: "Perceiver" for name in IMAGE_CLASSIFIERS},
+    "PerceiverForOpticalFlow": "PerceiverIO",
+    "PerceiverForMultimodalAutoencoding": "PerceiverMultimodalAutoencoder",
+}
+
+
 def _encoder_config(hf):
-    return dict(
-        num_latents=hf.num_latents,
-        latent_channels=hf.d_latents,
-        num_blocks=hf.num_blocks,
-        num_self_attends_per_block=hf.num_self_attends_per_block,
-        num_self_attention_heads=hf.num_self_attention_heads,
-        num_cross_attention_heads=hf.num_cross_attention_heads,
-        self_attention_qk_channels=hf.qk_channels,
-        self_attention_v_channels=hf.v_channels,
-        cross_attention_qk_channels=hf.qk_channels,
-        cross_attention_v_channels=hf.v_channels,
-        self_attention_widening_factor=hf.self_attention_widening_factor,
-        cross_attention_widening_factor=hf.cross_attention_widening_factor,
-        use_query_residual=hf.use_query_residual,
-        activation={"gelu": "gelu", "gelu_new": "gelu_approximate", "relu": "relu"}[hf.hidden_act],
-    )
+    config = {ours: getattr(hf, theirs) for ours, theirs in ENCODER_FIELDS}
+    config["activation"] = ACTIVATIONS[hf.hidden_act]
+    return config
+
+
+def transformers_config(config, class_name):
+    """The transformers PerceiverConfig whose `class_name` head (`SUPPORTED` but the multimodal
+    autoencoder) is the model of our `config` (a dict; missing fields take our defaults): the
+    inverse of `config_from_transformers`. What the head fixes itself (its decoder, its
+    position encodings) is not in its config, so a round trip through both is the check that
+    the head matches `config`. ValueError for a field transformers cannot express."""
+    import transformers
+
+    from keras_perceiver.presets import model_classes
+
+    if class_name not in OUR_CLASSES or class_name == "PerceiverForMultimodalAutoencoding":
+        raise ValueError(f"class_name must be one of {SUPPORTED[:-1]}; received {class_name!r}")
+    config = dataclasses.asdict(model_classes()[OUR_CLASSES[class_name]].config_class(**config))
+    kwargs = {}
+    for ours, theirs in ENCODER_FIELDS:
+        if kwargs.get(theirs, config[ours]) != config[ours]:
+            raise ValueError(
+                f"transformers has one `{theirs}` for self- and cross-attention: expected {ours}={kwargs[theirs]!r}; "
+                f"received {config[ours]!r}"
+            )
+        kwargs[theirs] = config[ours]
+    activations = {ours: theirs for theirs, ours in ACTIVATIONS.items()}
+    if config["activation"] not in activations:
+        raise ValueError(f"activation must be one of {sorted(activations)} for transformers; received {config['activation']!r}")
+    kwargs["hidden_act"] = activations[config["activation"]]
+    adapter = config["input_adapter"]
+    if class_name == "PerceiverForMaskedLM":
+        kwargs.update(vocab_size=adapter["vocab_size"], d_model=adapter["channels"], max_position_embeddings=adapter["max_positions"])
+    elif class_name == "PerceiverForOpticalFlow":
+        kwargs.update(train_size=list(adapter["index_dims"][1:]))
+    else:
+        height, width = adapter["index_dims"]
+        if height != width:
+            raise ValueError(f"input_adapter index_dims must be square for {class_name} (image_size); received {[height, width]}")
+        kwargs.update(image_size=height, num_labels=config["num_classes"])
+    return transformers.PerceiverConfig(**kwargs)
 
 
 def config_from_transformers(hf_model):

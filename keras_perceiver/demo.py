@@ -2,9 +2,7 @@
 check that weights saved under the first backend give the same outputs on the others."""
 
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -12,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from keras_perceiver.backend_process import run_under_backend
 from keras_perceiver.timing import timed_runs
 from keras_perceiver.text_table import text_table
 
@@ -75,13 +74,12 @@ def run(backends, repeats=10, models=None):
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for index, backend in enumerate(backends):
-            env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-            command = [sys.executable, "-m", "keras_perceiver", "demo-worker", workdir, "--repeats", str(repeats)]
+            arguments = ["demo-worker", workdir, "--repeats", str(repeats)]
             if models:
-                command += ["--models", ",".join(models)]
+                arguments += ["--models", ",".join(models)]
             if index == 0:
-                command.append("--reference")
-            done = subprocess.run(command, env=env, capture_output=True, text=True)
+                arguments.append("--reference")
+            done = run_under_backend("keras_perceiver", arguments, backend, capture=True)
             if done.returncode:
                 sys.stderr.write(done.stdout + done.stderr)
                 raise SystemExit(f"demo: the {backend} run failed (exit {done.returncode})")

@@ -99,10 +99,8 @@ def example_inputs(model, batch=2, length=None, seed=0, shapes=None):
     """Random inputs for every named input of `model`.
 
     Variable axes get `length` (default 24); `shapes` ({input name: full shape}) overrides
-    any input's shape (a mask not named follows its data). Masks are True except for the last
-    quarter of each sequence in the last example; token ids are valid ids.
+    any input's shape (a mask not named follows its data). Values as `random_inputs` makes them.
     """
-    rng = np.random.default_rng(seed)
     given, shapes = shapes or {}, {}
     for name, tensor in model.named_inputs.items():
         dims = [batch] + [d if d is not None else (length or 24) for d in tensor.shape[1:]]
@@ -110,20 +108,34 @@ def example_inputs(model, batch=2, length=None, seed=0, shapes=None):
     if "media" in shapes and len(shapes["media"]) == 5:
         shapes["media"][1:4] = [2, 2, length or 12]  # T, F, V
     shapes.update({name: list(shape) for name, shape in given.items()})
+    for name, dims in shapes.items():
+        if name.endswith("_mask") and name not in given:
+            data_name = "media" if name == "media_mask" else next(n for n in shapes if not n.endswith("_mask"))
+            shapes[name] = shapes[data_name][: len(dims)]
+    vocab_size = model.config.input_adapter["vocab_size"] if "token_ids" in shapes else None
+    return random_inputs(shapes, seed=seed, vocab_size=vocab_size, index_limits=getattr(model, "output_point_limits", None))
+
+
+def random_inputs(shapes, seed=0, vocab_size=None, index_limits=None):
+    """Random values for inputs of the given full shapes ({input name: shape}), by name:
+    `token_ids` are valid ids (below `vocab_size`), `*_output_points` indices below
+    `index_limits[name]`, `*_mask` masks True except for the last quarter of each sequence in
+    the last example, anything else float32 normal noise. The one generator of the tests'
+    and the bench's inputs."""
+    rng = np.random.default_rng(seed)
     result = {}
     for name, dims in shapes.items():
         if name.endswith("_output_points"):
-            result[name] = rng.integers(0, model.output_point_limits[name], size=dims).astype("int32")
+            result[name] = rng.integers(0, index_limits[name], size=dims).astype("int32")
         elif name == "token_ids":
-            vocab = model.config.input_adapter["vocab_size"]
-            result[name] = rng.integers(0, vocab, size=dims).astype("int32")
+            if vocab_size is None:
+                raise ValueError("random_inputs: `vocab_size` is needed for `token_ids`; received None")
+            result[name] = rng.integers(0, vocab_size, size=dims).astype("int32")
         elif name.endswith("_mask"):
-            data_name = "media" if name == "media_mask" else next(n for n in shapes if not n.endswith("_mask"))
-            mask_dims = dims if name in given else shapes[data_name][: len(dims)]
-            mask = np.ones(mask_dims, dtype=bool)
-            flat = mask.reshape(mask_dims[0], -1)
+            mask = np.ones(dims, dtype=bool)
+            flat = mask.reshape(dims[0], -1)
             flat[-1, -(flat.shape[1] // 4) :] = False
-            result[name] = flat.reshape(mask_dims)
+            result[name] = flat.reshape(dims)
         else:
             result[name] = rng.normal(size=dims).astype("float32")
     return result

@@ -9,9 +9,11 @@ checkpoint) holds `config.json`, `model.weights.h5` and `metadata.json`.
 import dataclasses
 import difflib
 import fnmatch
+import importlib
 import json
 import os
 import shutil
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -103,7 +105,8 @@ def resolve_preset(name_or_path, downloader=None):
 def model_classes():
     """{class name: class} of the models a preset may hold, read from Keras' serialization
     registry (each model registers itself under the package "keras_perceiver"), so this
-    module imports no model. Only these classes are ever built from a preset's files."""
+    module names no model. Only these classes are ever built from a preset's files."""
+    importlib.import_module("keras_perceiver.models")  # registers them (`import keras_perceiver` is lazy)
     prefix = "keras_perceiver>"
     return {
         name[len(prefix):]: obj
@@ -173,29 +176,98 @@ def _load_weights(model, weights_path, expected_sha256, where):
         ) from None
 
 
+def cache_dir():
+    """Where presets converted on first use are kept: `$KERAS_PERCEIVER_CACHE`, else
+    `$XDG_CACHE_HOME/keras_perceiver` (default `~/.cache/keras_perceiver`)."""
+    if os.environ.get("KERAS_PERCEIVER_CACHE"):
+        return Path(os.environ["KERAS_PERCEIVER_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "keras_perceiver"
+
+
+def _config_differences(expected, received):
+    """'field: expected X, received Y' for each field of `expected` that `received` holds
+    differently (compared as JSON, so tuples and lists are alike)."""
+    expected, received = json.loads(json.dumps(expected)), json.loads(json.dumps(received))
+    return [
+        f"{key}: expected {value!r}, received {received.get(key)!r}"
+        for key, value in expected.items()
+        if received.get(key) != value
+    ]
+
+
+def _say(line):
+    print(f"keras_perceiver: {line}", file=sys.stderr, flush=True)
+
+
+def cached_original(entry):
+    """The preset directory of zoo `entry`'s original checkpoint, converted on first use.
+
+    The first call fetches just the tensors the converter reads from the hub (or takes them
+    from the local Hugging Face cache), converts them, checks the result against the entry's
+    config and writes it into `cache_dir()` with `save_to_preset` (atomic, checksummed).
+    Later calls only read the cache; a cached preset whose config no longer matches the entry
+    is converted again."""
+    original = entry["original"]
+    target = cache_dir() / "presets" / entry["name"]
+    restore_aside(target)
+    if is_preset_directory(target) and (target / WEIGHTS_FILE).is_file():
+        if not _config_differences(entry["config"], _read_json(target / CONFIG_FILE).get("config", {})):
+            return target
+    from keras_perceiver.converters import model_from_hub
+    from keras_perceiver.converters.hub import CheckpointFetchError
+
+    repo = original["hub"]
+    _say(f"{entry['name']}: converting its original checkpoint hf://{repo} on first use into {target}")
+    try:
+        model = model_from_hub(
+            repo, num_heads=entry["config"].get("num_heads", 8), revision=original.get("revision", "main"),
+            filename=original.get("file"), progress=_say,
+        )
+    except CheckpointFetchError as error:
+        raise CheckpointFetchError(
+            f"Preset {entry['name']!r} ships no weights and its original checkpoint could not be fetched: {error}. "
+            f"Nothing was written. Without the hub: convert a local copy with "
+            f"`{entry['provenance'].get('convert', 'keras-perceiver convert ...')}` and load that directory, "
+            f"or pass load_weights=False for random weights."
+        ) from None
+    differences = _config_differences(entry["config"], model.get_config()["config"])
+    if differences:
+        raise ValueError(
+            f"Preset {entry['name']!r}: hf://{repo} converts to a model unlike the preset ({'; '.join(differences)}); "
+            "nothing was cached"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return save_to_preset(model, target, overwrite=True, source=f"hf://{repo}@{original.get('revision', 'main')}")
+
+
 def from_preset(name_or_path, load_weights=True, expected_class=None, **overrides):
     """Build a model from a zoo name, a preset directory or an `hf://org/name` handle.
 
     `overrides` replace config fields (e.g. `depth=2` for a small variant) and need
     `load_weights=False` when they change a field: trained weights only fit the architecture
-    they were trained for. `dtype` and `name` may always be given. A zoo preset that ships no
-    weights only builds with `load_weights=False`. Weights are checked against the SHA-256
-    their preset records before they load.
+    they were trained for. `dtype` and `name` may always be given. A zoo preset whose
+    original checkpoint is public loads it on first use (see `cached_original`; later loads
+    are offline); one with no public weights only builds with `load_weights=False`. Weights
+    are checked against the SHA-256 their preset records before they load.
     """
     kind, source = resolve_preset(name_or_path)
+    name = None
     if kind == "zoo":
-        cls = _model_class(source["class_name"], expected_class)
-        config, name, weights, sha256 = source["config"], source["name"], source.get("weights"), source.get("weights_sha256")
+        entry = source
+        cls = _model_class(entry["class_name"], expected_class)
+        config, name, weights, sha256 = entry["config"], entry["name"], entry.get("weights"), entry.get("weights_sha256")
         if load_weights and not weights:
-            raise ValueError(
-                f"Preset {source['name']!r} ships no weights. Convert the original checkpoint with "
-                f"`{source['provenance'].get('convert', 'keras-perceiver convert ...')}` and load the "
-                f"directory it writes, or pass load_weights=False for random weights."
-            )
-    else:
+            if not entry.get("original"):
+                raise ValueError(
+                    f"Preset {entry['name']!r} ships no weights and has no public checkpoint. Convert a checkpoint with "
+                    f"`{entry['provenance'].get('convert', 'keras-perceiver convert ...')}` and load the "
+                    f"directory it writes, or pass load_weights=False for random weights."
+                )
+            kind, source = "directory", cached_original(entry)
+    if kind == "directory":
         saved = _read_json(source / CONFIG_FILE, required=("class_name", "config"))
         cls = _model_class(saved["class_name"], expected_class)
-        config, name, weights = saved["config"], None, source / WEIGHTS_FILE
+        config, weights = saved["config"], source / WEIGHTS_FILE
         metadata = _read_json(source / METADATA_FILE) if (source / METADATA_FILE).is_file() else {}
         sha256 = (metadata.get("sha256") or {}).get(WEIGHTS_FILE)
         if load_weights and not weights.is_file():
@@ -265,7 +337,7 @@ def zoo_table():
         "|---|---|---|---|---|---|",
     ]
     for name, entry in zoo_entries().items():
-        weights = "shipped" if entry.get("weights") else "convert"
+        weights = "shipped" if entry.get("weights") else "hub, on first use" if entry.get("original") else "convert"
         lines.append(
             f"| `{name}` | {entry['class_name']} | {entry['parameter_count'] / 1e6:.1f} M | {weights} | "
             f"{entry['provenance'].get('checkpoint', '-')} | {entry.get('paper_figure', '-')} |"

@@ -87,8 +87,8 @@ CASES = [
      ValueError, r"'media' must have rank 3"),
     ("model", "mask of another length", lambda t: call("perceiver_io", input_mask=lambda a: a[:, :7]),
      ValueError, r"'input_mask' must have shape \(2, 24\) to match 'token_ids'; received \(2, 7\)"),
-    ("model", "missing input", lambda t: lambda: model("perceiver_io")({"token_ids": np.zeros((2, 4), "int32")}),
-     ValueError, r"expected inputs \['input_mask', 'token_ids'\]; received \['token_ids'\]"),
+    ("model", "missing input", lambda t: lambda: model("perceiver_io")({"input_mask": np.ones((2, 4), bool)}),
+     ValueError, r"expected inputs \['input_mask', 'token_ids'\]; received \['input_mask'\]"),
     ("model", "unknown input", lambda t: lambda: model("perceiver_resampler")(
         {"media": np.zeros((1, 3, 64), "float32"), "mask": np.ones((1, 3), bool)}), ValueError, r"expected inputs \['media'\]"),
     ("model", "too many tokens", lambda t: lambda: model("perceiver_io")(example_inputs(model("perceiver_io"), length=129)),
@@ -125,8 +125,8 @@ CASES = [
     # ------------------------------------------------------------------ from_preset
     ("from_preset", "unknown name", lambda t: lambda: kp.from_preset("flamingo_resampeler"),
      ValueError, r"Did you mean 'flamingo_resampler'"),
-    ("from_preset", "preset without weights", lambda t: lambda: kp.from_preset("perceiver_vision_fourier"),
-     ValueError, r"ships no weights"),
+    ("from_preset", "preset without weights", lambda t: lambda: kp.from_preset("flamingo_resampler"),
+     ValueError, r"ships no weights and has no public checkpoint"),
     ("from_preset", "structural override with trained weights", lambda t: lambda: kp.from_preset(
         "perceiver_digits", num_cross_attention_heads=2), ValueError, r"\['num_cross_attention_heads'\].*load_weights=False"),
     ("from_preset", "unknown override", lambda t: lambda: kp.from_preset("perceiver_digits", load_weights=False, depht=2),
@@ -179,7 +179,7 @@ CASES = [
                                                        overwrite=True), ValueError, r"not written by keras_perceiver"),
     ("export", "existing without overwrite", lambda t: lambda: export("perceiver_digits", "onnx", _user_directory(t) / "notes.txt"),
      FileExistsError, r"exists"),
-    ("export", "preset without weights", lambda t: lambda: export("perceiver_vision_fourier", "onnx", t / "m.onnx"),
+    ("export", "preset without weights", lambda t: lambda: export("flamingo_resampler", "onnx", t / "m.onnx"),
      ValueError, r"random_weights=True"),
 ]
 
@@ -188,7 +188,7 @@ CLI_CASES = [
     ("export: unknown quantization", ["export", "perceiver_digits", "--to", "onnx", "--quantize", "int4", "--out", "{t}"],
      "--quantize"),
     ("export: unknown target", ["export", "perceiver_digits", "--to", "tensorrt", "--out", "{t}"], "--to"),
-    ("export: preset without weights", ["export", "perceiver_vision_fourier", "--to", "onnx", "--out", "{t}"], "--random-weights"),
+    ("export: preset without weights", ["export", "flamingo_resampler", "--to", "onnx", "--out", "{t}"], "--random-weights"),
     ("export: unknown preset", ["export", "perceiver_digit", "--to", "onnx", "--out", "{t}"], "Did you mean"),
     ("convert: into the current directory", ["convert", "{t}/ckpt.pt", ".", "--overwrite"], "current directory"),
     ("convert: missing source", ["convert", "{t}/missing.pt", "{t}/out"], "does not exist"),

@@ -9,7 +9,6 @@ import pytest
 
 import keras_perceiver as kp
 from keras_perceiver.benchmarks import cells, devices, peers, run, subjects
-from keras_perceiver.benchmarks.flops import forward_flops
 from keras_perceiver.benchmarks.cells import run_artefacts
 from keras_perceiver.benchmarks.report import headline, report, summary as summary_table
 from keras_perceiver.examples import build_small, example_inputs
@@ -24,7 +23,7 @@ def test_analytic_flops_match_xla_cost_analysis(name):
     inputs = example_inputs(model, length=40)
     if name == "perceiver_resampler":
         inputs["media"] = inputs["media"][:, :, :1]  # F = 1
-    ours = forward_flops(model, inputs)
+    ours = model.flops(inputs)
     state = [v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables]
     fn = jax.jit(lambda t, n, x: model.stateless_call(t, n, x)[0])
     analysis = fn.lower(*state, inputs).compile().cost_analysis()
@@ -69,7 +68,7 @@ def test_bench_run_and_report(tmp_path):
 def test_preset_flops_are_in_the_expected_range():
     model = kp.from_preset("perceiver_digits")
     x = subjects.bench_inputs("perceiver_digits", 1)
-    assert 1e6 < forward_flops(model, x) < 1e8
+    assert 1e6 < model.flops(x) < 1e8
 
 
 @pytest.mark.parametrize("name", sorted(subjects.SMALL_PEERS))
@@ -93,6 +92,118 @@ def test_small_bench_configurations_share_the_peers_weights(name):
     got = outputs_to_numpy(ours(x))
     expected = expected.numpy().reshape(got.shape)
     assert np.abs(got - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
+
+
+def _stated(original, config):
+    """`config` restricted to the fields `original` states (nested dicts likewise), as JSON."""
+    kept = {k: _stated(v, config[k]) if isinstance(v, dict) else config[k] for k, v in original.items()}
+    return json.loads(json.dumps(kept))
+
+
+_TRANSFORMERS_PERCEIVER_PEERS = sorted(n for n, e in subjects.bench_entries().items()
+                                       if e["bench"].get("peer", "").startswith("transformers.PerceiverFor"))
+
+
+def test_the_bench_names_are_the_zoo_entries_with_a_bench_entry_and_the_small_configurations():
+    from keras_perceiver.presets import zoo_entries
+
+    with_bench = [n for n, e in zoo_entries().items() if "bench" in e]
+    assert subjects.bench_names() == with_bench + list(subjects.SMALL_PEERS)
+    assert {"idefics2_connector", "idefics_resampler", "perceiver_digits"} <= set(with_bench)
+    assert list(subjects.BENCH_INPUTS) == subjects.bench_names()
+    # the media's width and the vocabulary come from the config: nothing typed twice
+    x = subjects.bench_inputs("idefics2_connector", 2)
+    assert (x["media"].shape, x["media_mask"].shape) == ((2, 1225, 1152), (2, 1225))
+    assert subjects.bench_inputs("open_flamingo_resampler", 1)["media"].shape == (1, 8, 1, 257, 1024)
+    tokens = subjects.bench_inputs("perceiver_io_language", 1)["token_ids"]
+    assert tokens.dtype == np.int32 and tokens.shape == (1, 2048) and 200 < tokens.max() < 262
+
+
+@pytest.mark.parametrize("name", _TRANSFORMERS_PERCEIVER_PEERS)
+def test_transformers_peer_configs_round_trip(name):
+    """ours -> transformers -> ours gives back every field our config states: the peer is the
+    preset's model. Configs only: the head is built on the meta device, without weights."""
+    import torch
+    import transformers
+
+    from keras_perceiver.converters.transformers_perceiver import config_from_transformers, transformers_config
+
+    entry = subjects.bench_entries()[name]
+    class_name = entry["bench"]["peer"].rsplit(".", 1)[1]
+    with torch.device("meta"):
+        head = getattr(transformers, class_name)(transformers_config(entry["config"], class_name))
+    ours, back = config_from_transformers(head)
+    assert ours == entry["class_name"]
+    assert _stated(entry["config"], back) == json.loads(json.dumps(entry["config"]))
+
+
+@pytest.mark.parametrize("name", ["idefics2_connector", "idefics_resampler"])
+def test_idefics_configs_round_trip_through_transformers(name):
+    import dataclasses
+
+    import transformers
+
+    from keras_perceiver.converters import idefics
+    from keras_perceiver.models.resampler import PerceiverResamplerConfig
+
+    config = subjects.bench_entries()[name]["config"]
+    to_hf, to_ours, hf_class = {
+        "idefics2_connector": (idefics.idefics2_transformers_config, idefics.idefics2_connector_config, transformers.Idefics2Config),
+        "idefics_resampler": (idefics.idefics_transformers_config, idefics.idefics_resampler_config, transformers.IdeficsConfig),
+    }[name]
+    hf = to_hf(config)
+    # through transformers' own config class, as the bench's peer is built
+    back = to_ours(hf_class(**{k: v for k, v in hf.items() if k != "model_type"}))
+    assert _stated(config, dataclasses.asdict(PerceiverResamplerConfig(**back))) == config
+    with pytest.raises(ValueError, match="cannot express .*activation: expected 'relu', received 'gelu'"):
+        idefics.idefics_transformers_config({**subjects.bench_entries()["idefics_resampler"]["config"], "activation": "gelu"})
+
+
+def test_the_inverse_translations_refuse_what_their_peer_cannot_express():
+    from keras_perceiver.converters.flamingo import flamingo_pytorch_kwargs
+    from keras_perceiver.converters.transformers_perceiver import transformers_config
+
+    language = subjects.bench_entries()["perceiver_io_language"]["config"]
+    with pytest.raises(ValueError, match="one `qk_channels` for self- and cross-attention: expected cross_attention_qk_channels=256; received 128"):
+        transformers_config({**language, "cross_attention_qk_channels": 128}, "PerceiverForMaskedLM")
+    # flamingo_resampler has no peer: flamingo-pytorch's feed-forward is GELU only
+    flamingo = subjects.bench_entries()["flamingo_resampler"]
+    assert "peer" not in flamingo["bench"]
+    with pytest.raises(ValueError, match="activation: expected 'gelu', received 'squared_relu'"):
+        flamingo_pytorch_kwargs(flamingo["config"], num_media_embeds=8)
+    open_flamingo = subjects.bench_entries()["open_flamingo_resampler"]["config"]
+    assert flamingo_pytorch_kwargs(open_flamingo, num_media_embeds=8) == dict(
+        dim=1024, depth=6, dim_head=64, heads=8, num_latents=64, num_media_embeds=8, ff_mult=4)
+
+
+@pytest.mark.parametrize("name", ["idefics2_connector", "idefics_resampler"])
+def test_connector_peers_compute_our_function_on_bench_inputs(name):
+    """The connectors' peers as the bench builds them (the preset's config, shrunk) and calls
+    them (`peer_call`), against ours converted from them (`from_state_dict`): the same
+    function, so the bench's timings pair like with like."""
+    import torch
+
+    from keras_perceiver.examples import random_inputs
+
+    entry = subjects.bench_entries()[name]
+    small = dict(dim=32, depth=2, num_heads=4, head_channels=8, num_latents=8)
+    if name == "idefics2_connector":
+        small.update(media_dim=24, projection_channels=40, num_key_value_heads=2)
+    config, peer_path = {**entry["config"], **small}, entry["bench"]["peer"]
+    torch.manual_seed(0)
+    peer, to_torch = subjects.build_peer(peer_path, config, entry["bench"]["inputs"])
+    with torch.no_grad():
+        for p in peer.parameters():  # norms and latents too (Idefics2's latents start as ones)
+            p.add_(0.1 * torch.randn_like(p))
+    ours = subjects.convert_peer(peer_path, config, peer)
+    assert peers.peer_name(peer) == "transformers." + peer_path.rsplit(".", 1)[1]
+    x = random_inputs(subjects.bench_input_shapes(config, {n: [9] for n in entry["bench"]["inputs"]}, 2), seed=3)
+    assert ("media_mask" in x) == (name == "idefics2_connector") and (name != "idefics2_connector" or not x["media_mask"].all())
+    with torch.no_grad():
+        expected = peers.peer_call(peer, peer, to_torch(x))().numpy()
+    got = keras.ops.convert_to_numpy(ours(x))
+    assert got.shape == expected.shape == (2, 8, 32)
+    assert np.abs(got - expected).max() <= 1e-4
 
 
 def test_report_refuses_a_file_that_is_not_a_bench_result(tmp_path):
@@ -224,12 +335,12 @@ def test_coreml_is_a_bench_target_on_macos_only(monkeypatch):
 def test_coreml_predictions_off_macos_say_they_need_it():
     import platform
 
-    from keras_perceiver.converters.artefacts import _runner
+    from keras_perceiver.converters.artefacts import artefact_runner
 
     if platform.system() == "Darwin":
         pytest.skip("checks the error raised off macOS; on macOS CoreML predicts")
     with pytest.raises(RuntimeError, match=r"coreml: predictions need macOS \(the CoreML runtime\); this system is "):
-        _runner("coreml", "model.mlpackage")
+        artefact_runner("coreml", "model.mlpackage")
 
 
 @pytest.mark.skipif(keras.backend.backend() != "torch", reason="exports run in their own process; once, in the torch pass")

@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import keras
 
@@ -73,3 +74,66 @@ def test_bench_bound_refuses_an_unknown_preset():
     done = subprocess.run([sys.executable, "-m", "keras_perceiver", "bench-bound", "--presets", "gpt2"], capture_output=True, text=True)
     assert done.returncode == 2
     assert "--presets: expected names among" in done.stderr and "received 'gpt2'" in done.stderr
+
+
+def _help_of(argv):
+    """What `keras-perceiver ARGV --help` prints, in a fresh process under TensorFlow, and
+    whether Keras or a backend was imported on the way (printed by the same process)."""
+    code = (
+        "import contextlib, io, sys\n"
+        "from keras_perceiver.cli import main\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+        f"    main({list(argv) + ['--help']!r})\n"
+        "print(out.getvalue())\n"
+        "print(sorted(m for m in ('keras', 'tensorflow', 'jax', 'torch') if m in sys.modules))\n"
+    )
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text, imported = done.stdout.rstrip().rsplit("\n", 1)
+    return text, imported
+
+
+def test_help_imports_no_backend():
+    for argv in ([], ["export"], ["bench"], ["demo"]):
+        text, imported = _help_of(argv)
+        assert text.startswith("usage: keras-perceiver"), text[:200]
+        assert imported == "[]", (argv, imported)
+
+
+def test_the_help_command_runs():
+    # the installed `keras-perceiver` script beside this Python, else the module
+    script = Path(sys.executable).with_name("keras-perceiver")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "keras_perceiver"]
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run([*command, "--help"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "export" in done.stdout and "bench-report" in done.stdout
+
+
+def test_help_lists_the_commands_and_hides_the_worker():
+    text, _ = _help_of([])
+    assert "==SUPPRESS==" not in text and "demo-worker" not in text
+    for command in ("demo", "zoo", "convert", "export", "bench", "bench-report", "bench-bound", "bench-profile", "bench-scale"):
+        assert f"\n    {command} " in text, command
+
+
+def test_subcommand_help_lists_choices_and_defaults():
+    from keras_perceiver.cli import build_parser
+    from keras_perceiver.converters.artefacts import QUANTIZE, ROUTES
+
+    export, _ = _help_of(["export"])
+    flat = " ".join(export.split())
+    assert f"targets among {','.join(ROUTES)}" in flat
+    for target, options in QUANTIZE.items():
+        assert f"{target}: {', '.join(options)}" in flat
+    assert "(default: coreml,openvino,tflite,onnx)" in flat
+    bench = " ".join(_help_of(["bench"])[0].split())
+    assert "modes among eager,compiled" in bench and "(default: eager,compiled)" in bench
+    assert "(default: perceiver_digits)" in bench and "(default: 1)" in bench
+    # every argument of every command, hidden ones included, says what it is
+    commands = next(a for a in build_parser()._actions if a.dest == "command")
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            assert action.help, (name, action.dest)

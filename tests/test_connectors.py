@@ -189,7 +189,7 @@ def _write_sharded_checkpoint(directory, state, config):
     (directory / "config.json").write_text(config.to_json_string())
 
 
-def test_convert_sharded_idefics2_checkpoint_opens_only_connector_shards(tmp_path, monkeypatch):
+def test_convert_sharded_idefics2_checkpoint_opens_only_connector_shards(tmp_path, monkeypatch, capsys):
     import safetensors
 
     reference, config = idefics2_reference(IDEFICS2[0], seed=3)
@@ -208,6 +208,10 @@ def test_convert_sharded_idefics2_checkpoint_opens_only_connector_shards(tmp_pat
     out = tmp_path / "preset"
     assert cli_main(["convert", str(source), str(out)]) == 0  # `keras-perceiver convert`
     assert sorted(opened) == ["model-00002-of-00004.safetensors", "model-00003-of-00004.safetensors"]
+    read = [line for line in capsys.readouterr().err.splitlines() if line.startswith("convert: reading ")]
+    assert [line.split(" from ")[1] for line in read] == [
+        "model-00002-of-00004.safetensors (shard 1 of 2)", "model-00003-of-00004.safetensors (shard 2 of 2)",
+    ]  # one line per shard opened
 
     model = kp.from_preset(str(out))
     assert type(model).__name__ == "PerceiverResampler" and model.config.media_rank == 3

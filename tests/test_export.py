@@ -7,6 +7,7 @@ this backend is the slow-marked test.
 """
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -128,11 +129,11 @@ def test_export_every_family(name, target, tmp_path):
 
 def _digits_accuracy(target, path, quantize=None, batch=450):
     """Held-out accuracy of a perceiver_digits artefact in its runtime, `batch` images a call."""
-    from keras_perceiver.converters.artefacts import _runner
+    from keras_perceiver.converters.artefacts import artefact_runner
     from keras_perceiver.zoo.train_digits import digits_split
 
     _, _, x_test, y_test = digits_split()
-    run = _runner(target, str(path), quantize)
+    run = artefact_runner(target, str(path), quantize)
     logits = np.concatenate([next(iter(run({"inputs": x_test[i : i + batch]}).values())) for i in range(0, len(x_test), batch)])
     return (logits.argmax(-1) == y_test).mean()
 
@@ -302,7 +303,7 @@ def _no_export_process(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the export process was started; the refusal must come before it")
 
-    monkeypatch.setattr(artefacts.subprocess, "run", refuse)
+    monkeypatch.setattr(artefacts, "run_under_backend", refuse)
 
 
 def _tree(path):
@@ -361,15 +362,15 @@ def test_a_preset_without_weights_needs_random_weights(tmp_path, monkeypatch, ca
 
     _no_export_process(monkeypatch)
     for call in (
-        lambda: export("perceiver_vision_fourier", "onnx", tmp_path / "m.onnx"),
-        lambda: export_all("perceiver_vision_fourier", ["onnx", "tflite"], tmp_path),
+        lambda: export("flamingo_resampler", "onnx", tmp_path / "m.onnx"),
+        lambda: export_all("flamingo_resampler", ["onnx", "tflite"], tmp_path),
     ):
-        with pytest.raises(ValueError, match=r"preset 'perceiver_vision_fourier' ships no weights: pass "
+        with pytest.raises(ValueError, match=r"preset 'flamingo_resampler' ships no weights: pass "
                                              r"random_weights=True \(--random-weights\)"):
             call()
-    assert main(["export", "perceiver_vision_fourier", "--to", "onnx", "--out", str(tmp_path)]) == 2
+    assert main(["export", "flamingo_resampler", "--to", "onnx", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "'perceiver_vision_fourier' ships no weights" in err
+    assert len(err.strip().splitlines()) == 1 and "'flamingo_resampler' ships no weights" in err
     assert "--random-weights" in err
     assert list(tmp_path.iterdir()) == []
 
@@ -407,14 +408,15 @@ def test_a_quantization_that_does_not_apply_is_refused(tmp_path, monkeypatch, ca
     ],
 )
 def test_the_export_process_errors_come_back_typed(tmp_path, monkeypatch, worker_error, raised):
-    def fake_run(argv, **kwargs):
-        job = json.loads(argv[-1])
+    def fake_run(module, arguments, backend, **kwargs):
+        job = json.loads(arguments[-1])
         if worker_error is not None:
             message = "the cause\nin two lines"
             Path(job["error"]).write_text(json.dumps(dict(worker_error, message=message, traceback="Traceback: ...")))
-        return subprocess.CompletedProcess(argv, 1 if worker_error else -11, "", "early output\nFatal Python error: Segmentation fault")
+        return subprocess.CompletedProcess([module, *arguments], 1 if worker_error else -11, "",
+                                           "early output\nFatal Python error: Segmentation fault")
 
-    monkeypatch.setattr(artefacts.subprocess, "run", fake_run)
+    monkeypatch.setattr(artefacts, "run_under_backend", fake_run)
     with pytest.raises(raised) as caught:
         export("perceiver_digits", "onnx", tmp_path / "m.onnx")
     message = str(caught.value)
@@ -504,6 +506,40 @@ def test_export_cli_prints_the_table(tmp_path, capsys):
         assert metadata["weights"] == "preset" and metadata["source"] == {"preset": "perceiver_digits"}
         assert storage.sha256_of(tmp_path / name) == metadata["files"][name]
     assert np.isfinite([float(line.split("|")[4]) for line in table.splitlines()[2:]]).all()
+
+
+@once
+def test_export_cli_prints_each_step_of_a_target_to_stderr(tmp_path, capsys):
+    from keras_perceiver.cli import main
+
+    assert main(["export", "perceiver_digits", "--to", "onnx", "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    steps = [line for line in captured.err.splitlines() if line.startswith("export onnx: ")]
+    assert steps[:-1] == [
+        "export onnx: starting a torch process for torch.export -> torch.onnx (dynamo)...",
+        "export onnx: loading the model...",  # these three come from the export process
+        "export onnx: converting...",
+        "export onnx: verifying in onnxruntime...",
+    ]
+    done = re.fullmatch(r"export onnx: done in (\d+\.\d) s, max abs error (\S+)", steps[-1])
+    assert done and float(done[1]) > 0 and 0 <= float(done[2]) <= 1e-4
+    assert artefacts.PROGRESS_PREFIX not in captured.err  # passed through without the process' marker
+    assert "export onnx" not in captured.out  # stdout is the table's
+
+
+def test_export_progress_false_prints_nothing(tmp_path, monkeypatch, capsys):
+    asked = []
+
+    def fake_run(module, arguments, backend, **kwargs):  # the export process, failing at once
+        asked.append(json.loads(arguments[-1])["progress"])
+        return subprocess.CompletedProcess([module, *arguments], -11, "", "Fatal Python error: Segmentation fault")
+
+    monkeypatch.setattr(artefacts, "run_under_backend", fake_run)
+    for progress in (False, True):
+        with pytest.raises(RuntimeError):
+            export("perceiver_digits", "onnx", tmp_path / "m.onnx", progress=progress)
+        assert ("export onnx: starting a torch process" in capsys.readouterr().err) is progress
+    assert asked == [False, True]  # the export process is told too
 
 
 @pytest.mark.slow

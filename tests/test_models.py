@@ -116,6 +116,43 @@ def test_masked_media_tokens_have_no_effect():
     np.testing.assert_allclose(_run(model, noisy), out, atol=1e-5)
 
 
+MASKED = [("perceiver_io", {}), ("perceiver", {}), ("perceiver_resampler", {"use_media_mask": True}), ("idefics_connector", {})]
+
+
+@pytest.mark.parametrize("name,overrides", MASKED, ids=[m[0] for m in MASKED])
+def test_a_left_out_mask_means_every_position_is_real(name, overrides):
+    model = build_small(name, **overrides)
+    mask_name = model.mask_input
+    inputs = example_inputs(model)
+    data = {k: v for k, v in inputs.items() if k != mask_name}
+    full = dict(data, **{mask_name: np.ones_like(inputs[mask_name])})
+    expected = _run(model, full)
+    np.testing.assert_array_equal(_run(model, data), expected)
+    np.testing.assert_allclose(to_numpy(model.predict(data, verbose=0)), expected, atol=1e-5)  # a traced step
+    # the default is a real choice: a partial mask gives another answer
+    partial = np.ones_like(inputs[mask_name])
+    partial[:, 0] = False
+    assert np.abs(_run(model, dict(data, **{mask_name: partial})) - expected).max() > 1e-4
+    if model.primary_input in ("token_ids", "inputs"):  # a bare tensor is the primary input
+        np.testing.assert_array_equal(_run(model, data[model.primary_input]), expected)
+
+
+def test_a_left_out_mask_for_media_of_rank_3():
+    # flamingo-pytorch's (B, V, D) media: the default mask gets the same unit axes as the media
+    model = build_small("perceiver_resampler", use_media_mask=True)
+    media = np.random.default_rng(3).normal(size=(2, 5, 64)).astype("float32")
+    np.testing.assert_array_equal(_run(model, media), _run(model, {"media": media, "media_mask": np.ones((2, 5), bool)}))
+
+
+def test_fit_without_the_mask_input():
+    model = build_small("perceiver_io")
+    tokens = example_inputs(model)["token_ids"]
+    targets = np.random.default_rng(4).integers(0, 262, size=(2, 128))  # one per learned output query
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = model.fit({"token_ids": tokens}, targets, epochs=1, batch_size=2, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
 def test_iterative_reads_share_weights():
     base = build_small("perceiver", num_cross_attends=1)
     shared = build_small("perceiver", num_cross_attends=2, share_cross_attend_weights=True, num_blocks=3)

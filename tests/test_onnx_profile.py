@@ -5,7 +5,6 @@ import pytest
 
 from keras_perceiver import cli
 from keras_perceiver.benchmarks import profile as onnx_profile
-from keras_perceiver.benchmarks.flops import forward_flops
 from keras_perceiver.benchmarks.subjects import bench_inputs, bench_model
 
 
@@ -53,7 +52,7 @@ def test_the_profile_of_an_exported_file_accounts_for_every_matrix_product(tmp_p
     result = onnx_profile.run(name, batch, runs=2, out=tmp_path / "profile.json")
     assert json.loads((tmp_path / "profile.json").read_text())["products"] == result["products"]
     # onnxruntime's product nodes add up to the analytic FLOPs of the forward: none missed or counted twice
-    analytic = forward_flops(bench_model(name), bench_inputs(name, batch)) / 1e9
+    analytic = bench_model(name).flops(bench_inputs(name, batch)) / 1e9
     assert result["products"]["gflop"] == pytest.approx(analytic, rel=1e-6)
     assert sum(o["share"] for o in result["ops"]) == pytest.approx(1.0)
     assert 0 < result["products"]["share"] < 1 and result["products"]["fraction_of_peak"] > 0

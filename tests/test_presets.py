@@ -32,8 +32,10 @@ def test_unknown_name_suggests_close_names():
 
 
 def test_preset_without_weights_says_how_to_get_them():
-    with pytest.raises(ValueError, match="ships no weights.*keras-perceiver convert deepmind/vision-perceiver-fourier"):
-        kp.from_preset("perceiver_vision_fourier")
+    # no public checkpoint (a public one is fetched on first use: tests/test_hub.py)
+    with pytest.raises(ValueError, match="ships no weights and has no public checkpoint.*keras-perceiver convert RESAMPLER"):
+        kp.from_preset("flamingo_resampler")
+    assert all("original" in e for n, e in presets.zoo_entries().items() if n not in ("flamingo_resampler", "perceiver_digits"))
 
 
 @pytest.mark.parametrize("name", [n for n in presets.list_presets()])

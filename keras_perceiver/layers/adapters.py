@@ -5,7 +5,7 @@ import math
 import keras
 from keras import ops
 
-from keras_perceiver.layers.attention import zero_masked
+from keras_perceiver.layers.attention import dense_flops, matmul_flops, zero_masked
 from keras_perceiver.layers.position_encoding import FourierPositionEncoding, TrainablePositionEncoding
 
 
@@ -215,6 +215,22 @@ class FeatureAdapter(keras.layers.Layer):
             return x + pos
         return ops.concatenate([x, pos], axis=-1)
 
+    def flops(self, index_dims):
+        """FLOPs of the matrix products of one call (built layer), per example, for inputs
+        with `index_dims` (their axes between batch and channels): the conv stem's
+        convolution, the input projection and the position projection (position features are
+        per example once broadcast to the batch)."""
+        flops = 0
+        if self.conv_stem_channels:
+            convolved = conv_stem_dims(index_dims)[0]
+            flops += 2 * math.prod(convolved) * math.prod(self.stem[1].kernel.shape)  # a tap per kernel entry
+        rows = math.prod(self.grid_dims(index_dims))
+        if self.project_channels:
+            flops += dense_flops(self.projection, rows)
+        if self.position_projection_channels:
+            flops += dense_flops(self.position_projection, rows)
+        return flops
+
     def compute_output_shape(self, input_shape):
         dims = self.grid_dims(input_shape[1:-1])
         length = None if None in dims else math.prod(dims)
@@ -368,6 +384,10 @@ class TiedEmbeddingLogits(keras.layers.Layer):
     def call(self, x):
         table = ops.cast(self.embedding.embeddings, x.dtype)
         return ops.matmul(x, ops.transpose(table)) + ops.cast(self.bias, x.dtype)
+
+    def flops(self, rows):
+        """FLOPs of the product with the embedding table for `rows` rows."""
+        return matmul_flops(rows, self.embedding.output_dim, self.embedding.input_dim)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.embedding.input_dim,)

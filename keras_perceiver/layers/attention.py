@@ -216,6 +216,25 @@ def _per_head_matmul(x, kernels):
     return ops.reshape(out, (shape[0], shape[1], heads, width))
 
 
+def attention_widths(input_channels, qk_channels=None, v_channels=None):
+    """(q/k width, v width) of a Perceiver attention over inputs `input_channels` wide (the
+    context of a cross-attention, the input of a self-attention): q/k default to that width
+    and v to the q/k width, as the references. The one place of that rule."""
+    qk = qk_channels or input_channels
+    return qk, v_channels or qk
+
+
+def matmul_flops(rows, fan_in, fan_out):
+    """FLOPs of a (rows, fan_in) x (fan_in, fan_out) product: 2 x its multiply-adds."""
+    return 2 * rows * fan_in * fan_out
+
+
+def dense_flops(layer, rows):
+    """FLOPs of a built `keras.layers.Dense` applied to `rows` rows (its bias left out)."""
+    fan_in, fan_out = layer.kernel.shape
+    return matmul_flops(rows, fan_in, fan_out)
+
+
 def projections_on_query_side(num_queries, num_heads, context_channels, qk_channels, v_channels):
     """Whether cross-attention costs fewer multiply-adds with the key and value projections
     moved to the queries' side (`MultiHeadAttention._attend_to_context`). Per context
@@ -286,6 +305,23 @@ class MultiHeadAttention(keras.layers.Layer):
     def _kv_heads(self):
         return self.num_key_value_heads or self.num_heads
 
+    @property
+    def _kv_widths(self):
+        """(key width, value width) of the cross-attention's key / value projection: one
+        head's widths times the key / value heads."""
+        return (
+            self.qk_channels // self.num_heads * self._kv_heads,
+            self.v_channels // self.num_heads * self._kv_heads,
+        )
+
+    def _moves_projections(self, num_queries, context_channels):
+        """Whether `call` takes `_attend_to_context`: it needs one key projection per query
+        head and no norm between the projections."""
+        plain = not self.qk_norm and self._kv_heads == self.num_heads
+        return plain and not self.self_attention and projections_on_query_side(
+            num_queries, self.num_heads, context_channels, self.qk_channels, self.v_channels
+        )
+
     def _projection(self, name, fan_in, fan_out):
         kernel = self.add_weight(
             name=f"{name}_kernel",
@@ -302,9 +338,8 @@ class MultiHeadAttention(keras.layers.Layer):
         if self.self_attention:
             self.qkv = self._projection("qkv", query_shape[-1], 2 * qk + v)
         else:
-            kv_width = (qk + v) // self.num_heads * self._kv_heads
             self.q = self._projection("q", query_shape[-1], qk)
-            self.kv = self._projection("kv", context_shape[-1], kv_width)
+            self.kv = self._projection("kv", context_shape[-1], sum(self._kv_widths))
         self.out = self._projection("out", v, self.output_channels)
         if self.qk_norm:
             head = (None, None, None, qk // self.num_heads)
@@ -325,11 +360,7 @@ class MultiHeadAttention(keras.layers.Layer):
         return ops.reshape(x, (shape[0], shape[1], heads, x.shape[-1] // heads))
 
     def call(self, query, context=None, key_mask=None):
-        # the moved projections need one key projection per query head and no norm between
-        plain = not self.qk_norm and self._kv_heads == self.num_heads
-        if plain and not self.self_attention and projections_on_query_side(
-            query.shape[1], self.num_heads, context.shape[-1], self.qk_channels, self.v_channels
-        ):
+        if context is not None and self._moves_projections(query.shape[1], context.shape[-1]):
             return self._apply(self._attend_to_context(query, context, key_mask), self.out)
         qk = self.qk_channels
         # Rank-3 slices, not `x[..., a:b]` (no TFLite builtin) nor ops.split (its torch
@@ -340,7 +371,7 @@ class MultiHeadAttention(keras.layers.Layer):
         else:
             q = self._apply(query, self.q)
             kv = self._apply(context, self.kv)
-            kv_qk = qk // self.num_heads * self._kv_heads
+            kv_qk = self._kv_widths[0]
             k, v = kv[:, :, :kv_qk], kv[:, :, kv_qk:]
         q, k, v = self._split_heads(q), self._split_heads(k, self._kv_heads), self._split_heads(v, self._kv_heads)
         if self.qk_norm:
@@ -376,6 +407,31 @@ class MultiHeadAttention(keras.layers.Layer):
         )
         out = _per_head_matmul(out, value_kernel)  # (B, N, H, v / H)
         return ops.reshape(out, (ops.shape(out)[0], -1, v))
+
+    def flops(self, num_queries, num_keys=None):
+        """FLOPs of the matrix products of one call (built layer), per example: `num_queries`
+        query rows attending to `num_keys` context rows (self-attention: to the queries).
+        Counts what `call` computes, the moved projections included; grouped-query attention
+        projects fewer keys and values but scores every query head."""
+        qk, v, heads = self.qk_channels, self.v_channels, self.num_heads
+        output = matmul_flops(num_queries, v, self.output_channels)
+        if self.self_attention:
+            num_keys = num_queries
+            projections = matmul_flops(num_queries, self.qkv[0].shape[0], 2 * qk + v)
+        else:
+            query_channels, context_channels = self.q[0].shape[0], self.kv[0].shape[0]
+            if self._moves_projections(num_queries, context_channels):
+                width = context_channels + (1 if self.use_bias else 0)  # the all-ones bias channel
+                return (
+                    matmul_flops(num_queries, query_channels, qk)
+                    + matmul_flops(num_queries, width, qk + v)  # q_h Wk_h^T and (p_h x) Wv_h
+                    + 2 * matmul_flops(heads * num_queries, width, num_keys)  # logits and p_h x
+                    + output
+                )
+            projections = matmul_flops(num_queries, query_channels, qk) + matmul_flops(
+                num_keys, context_channels, sum(self._kv_widths)
+            )
+        return projections + matmul_flops(num_queries, num_keys, qk + v) + output
 
     def compute_output_shape(self, query_shape, context_shape=None):
         return tuple(query_shape[:-1]) + (self.output_channels,)

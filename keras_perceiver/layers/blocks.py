@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_perceiver.layers.attention import MultiHeadAttention
+from keras_perceiver.layers.attention import MultiHeadAttention, attention_widths, dense_flops
 
 LAYER_NORM_EPSILON = 1e-5  # what the reference checkpoints actually use
 
@@ -70,6 +70,10 @@ class GatedProjection(keras.layers.Layer):
     def call(self, x):
         return self.dense_out(_swiglu(self.dense_gate(x), self.dense_in(x)))
 
+    def flops(self, rows):
+        """FLOPs of the three matrix products for `rows` rows (built layer)."""
+        return sum(dense_flops(layer, rows) for layer in (self.dense_gate, self.dense_in, self.dense_out))
+
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.output_channels,)
 
@@ -120,6 +124,11 @@ class FeedForward(keras.layers.Layer):
             return self.dense_out(_swiglu(self.dense_gate(x), self.dense_in(x)))
         return self.dense_out(self._activation_fn(self.dense_in(x)))
 
+    def flops(self, rows):
+        """FLOPs of the matrix products for `rows` rows (built layer): two, three with SwiGLU."""
+        layers = (self.dense_in, self.dense_out) + ((self.dense_gate,) if self.activation == "swiglu" else ())
+        return sum(dense_flops(layer, rows) for layer in layers)
+
     def compute_output_shape(self, input_shape):
         return input_shape
 
@@ -162,8 +171,7 @@ class CrossAttentionBlock(keras.layers.Layer):
         self.activation = activation
 
     def build(self, queries_shape, context_shape):
-        qk = self.qk_channels or context_shape[-1]
-        v = self.v_channels or qk
+        qk, v = attention_widths(context_shape[-1], self.qk_channels, self.v_channels)
         self.query_norm = layer_norm("query_norm", self.dtype_policy)
         self.context_norm = layer_norm("context_norm", self.dtype_policy)
         self.attention = MultiHeadAttention(
@@ -182,6 +190,10 @@ class CrossAttentionBlock(keras.layers.Layer):
         if self.use_query_residual:
             x = x + queries
         return x + self.feed_forward(x)
+
+    def flops(self, num_queries, num_keys):
+        """FLOPs of the matrix products of one call (built block), per example."""
+        return self.attention.flops(num_queries, num_keys) + self.feed_forward.flops(num_queries)
 
     def compute_output_shape(self, queries_shape, context_shape):
         return queries_shape
@@ -213,8 +225,7 @@ class SelfAttentionBlock(keras.layers.Layer):
         self.activation = activation
 
     def build(self, input_shape):
-        qk = self.qk_channels or input_shape[-1]
-        v = self.v_channels or qk
+        qk, v = attention_widths(input_shape[-1], self.qk_channels, self.v_channels)
         self.norm = layer_norm("norm", self.dtype_policy)
         self.attention = MultiHeadAttention(
             self.num_heads, qk, v, input_shape[-1], self_attention=True, name="attention", dtype=self.dtype_policy
@@ -229,6 +240,10 @@ class SelfAttentionBlock(keras.layers.Layer):
     def call(self, x):
         x = x + self.attention(self.norm(x))
         return x + self.feed_forward(x)
+
+    def flops(self, rows):
+        """FLOPs of the matrix products of one call (built block) on `rows` rows, per example."""
+        return self.attention.flops(rows) + self.feed_forward.flops(rows)
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -111,6 +111,15 @@ class PerceiverEncoder(keras.layers.Layer):
                 x = layer(x)
         return x
 
+    def flops(self, num_inputs):
+        """FLOPs of the matrix products of one call (built layer), per example, reading
+        `num_inputs` input rows: every read (shared weights or not) and every self-attend of
+        every block."""
+        c = self.config
+        reads = sum(block.flops(c.num_latents, num_inputs) for block in self.cross_attends)
+        thinks = c.num_blocks * sum(block.flops(c.num_latents) for block in self.self_attends)
+        return reads + thinks
+
     def compute_output_shape(self, inputs_shape, input_mask_shape=None):
         return (inputs_shape[0], self.config.num_latents, self.config.latent_channels)
 

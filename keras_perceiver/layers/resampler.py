@@ -130,6 +130,11 @@ class ResamplerBlock(keras.layers.Layer):
         latents = latents + self.attention(normed, context, key_mask=key_mask)
         return latents + self.feed_forward(latents)
 
+    def flops(self, num_latents, num_media):
+        """FLOPs of the matrix products of one call (built block), per media item: the
+        latents attend to `num_media` media tokens and themselves."""
+        return self.attention.flops(num_latents, num_media + num_latents) + self.feed_forward.flops(num_latents)
+
     def compute_output_shape(self, latents_shape, media_shape, media_mask_shape=None):
         return latents_shape
 
@@ -239,6 +244,13 @@ class Resampler(keras.layers.Layer):
             latents = block(latents, x, media_mask=mask)
         latents = self.norm(latents)
         return ops.reshape(latents, (batch, times, c.num_latents, c.dim))
+
+    def flops(self, num_media):
+        """FLOPs of the matrix products of one call (built layer), per media item of
+        `num_media` tokens (its frames x tokens per frame): the modality projection and the
+        blocks (the embeddings are added, not multiplied)."""
+        projection = self.projection.flops(num_media) if self.projection is not None else 0
+        return projection + sum(block.flops(self.config.num_latents, num_media) for block in self.blocks)
 
     def compute_output_shape(self, media_shape, media_mask_shape=None):
         times = media_shape[1] if len(media_shape) > 3 else 1

@@ -59,6 +59,9 @@ class ConfiguredModel(keras.Model):
     config_class = None
     # Name of the input a bare (non-dict) tensor is fed to.
     primary_input = None
+    # Name of the optional boolean mask over `primary_input` (True = real position): a call
+    # that leaves it out means every position is real, as in transformers' models.
+    mask_input = None
 
     def __init__(self, config=None, name=None, dtype=None, **overrides):
         config = make_config(self.config_class, config, overrides)
@@ -100,6 +103,30 @@ class ConfiguredModel(keras.Model):
 
         return save_to_preset(self, path, overwrite=overwrite)
 
+    @classmethod
+    def get_layout_map(cls, device_mesh, model_parallel_dim_name="model", data_parallel_dim_name="batch"):
+        """A `keras.distribution.LayoutMap` sharding this model over `device_mesh`, for
+        `keras.distribution.ModelParallel` (see `keras_perceiver.distribution`)."""
+        from keras_perceiver.distribution import layout_map
+
+        return layout_map(device_mesh, model_parallel_dim_name, data_parallel_dim_name)
+
+    # ------------------------------------------------------------------ FLOPs
+    def flops(self, inputs):
+        """Analytic FLOPs (int) of one forward pass on `inputs`: 2 x the multiply-adds of its
+        matrix products (projections, attention's scores and weighted sums, feed-forwards,
+        convolutions), from the built layers and the inputs' shapes; element-wise work (norms,
+        softmax, activations) is left out. `inputs`: a dict of arrays or of shapes (batch
+        first), or one array or shape for `primary_input`; checked as a call checks them.
+        Each layer counts its own products (the layers' `flops` methods)."""
+        shapes = shapes_of(inputs, self.primary_input)
+        self.check_inputs({name: keras.KerasTensor(shape) for name, shape in shapes.items()})
+        return int(self._flops_from_shapes(shapes))
+
+    def _flops_from_shapes(self, shapes):
+        """`flops` from {input name: shape, a tuple of ints}; each family implements it."""
+        raise NotImplementedError(f"{type(self).__name__} does not count its FLOPs")
+
     @property
     def named_inputs(self):
         """{input name: symbolic input}, in the order the model was built with (the order
@@ -118,6 +145,7 @@ class ConfiguredModel(keras.Model):
         """Names and shapes (not values): safe inside a traced call. Returns the dict."""
         if not isinstance(inputs, dict):
             inputs = {self.primary_input: inputs}
+        inputs = self.with_default_mask(inputs)
         expected = self.named_inputs
         missing = sorted(set(expected) - set(inputs))
         extra = sorted(set(inputs) - set(expected))
@@ -129,6 +157,20 @@ class ConfiguredModel(keras.Model):
             self._check_shape(name, inputs[name].shape, reference.shape)
         self.check_input_relations(inputs)
         return inputs
+
+    def with_default_mask(self, inputs):
+        """`inputs` (a dict) with `mask_input` added, all True, where the model has one and the
+        call left it out: shaped like `primary_input` less its feature axis, if it has one
+        (NumPy for NumPy data, else a backend tensor, traced ones included)."""
+        expected = self.named_inputs
+        name = self.mask_input
+        if name not in expected or name in inputs or self.primary_input not in inputs:
+            return inputs
+        data = inputs[self.primary_input]
+        has_features = len(expected[self.primary_input].shape) > len(expected[name].shape)
+        positions = data[..., 0] if has_features else data
+        ones_like = np.ones_like if isinstance(data, np.ndarray) else keras.ops.ones_like
+        return {**inputs, name: ones_like(positions, dtype="bool")}
 
     def _check_shape(self, name, shape, expected):
         if rank_of(shape) is None:  # unknown rank (a generalised TensorFlow trace): nothing to check
@@ -292,6 +334,23 @@ def check_mask_matches(model, mask_name, mask_shape, input_name, expected):
             f"{type(model).__name__}: input '{mask_name}' must have shape {_show(expected)} to match "
             f"'{input_name}'; received {_show(tuple(mask_shape))}"
         )
+
+
+def shapes_of(inputs, primary_input):
+    """{input name: shape as a tuple of ints} from a dict of arrays or shapes, or one array or
+    shape (for `primary_input`). Raises a ValueError for a shape with unknown sizes."""
+    if not isinstance(inputs, dict):
+        inputs = {primary_input: inputs}
+    shapes = {}
+    for name, value in inputs.items():
+        shape = tuple(value.shape) if hasattr(value, "shape") else tuple(value) if isinstance(value, (tuple, list)) else None
+        if shape is None or any(_known(size) is None for size in shape):
+            raise ValueError(
+                f"flops: input '{name}' must be an array or a shape of known sizes (batch first); "
+                f"received {shape if shape is not None else type(value).__name__}"
+            )
+        shapes[name] = tuple(int(size) for size in shape)
+    return shapes
 
 
 def rank_of(shape):

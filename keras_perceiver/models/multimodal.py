@@ -8,6 +8,7 @@ import keras
 from keras import ops
 
 from keras_perceiver.layers.adapters import FeatureAdapter
+from keras_perceiver.layers.attention import dense_flops
 from keras_perceiver.layers.blocks import CrossAttentionBlock
 from keras_perceiver.layers.encoder import EncoderConfig, PerceiverEncoder
 from keras_perceiver.layers.position_encoding import FourierPointEncoding, TrainablePositionEncoding
@@ -209,3 +210,18 @@ class PerceiverMultimodalAutoencoder(ConfiguredModel):
     def check_input_values(self, inputs):
         for name, limit in self.output_point_limits.items():
             check_index_range(self, name, inputs[name], limit)
+
+    def _flops_from_shapes(self, shapes):
+        c = self.config
+        flops, rows = 0, 1  # the label enters as one row
+        for name in ("audio", "image"):
+            adapter, index_dims = self.get_layer(f"{name}_adapter"), shapes[name][1:-1]
+            flops += adapter.flops(index_dims)
+            rows += math.prod(adapter.grid_dims(index_dims))
+        flops += self.get_layer("encoder").flops(rows)
+        decoder, projection = self.get_layer("decoder"), self.get_layer("decoder_projection")
+        queries = {"audio": shapes["audio_output_points"][1], "image": shapes["image_output_points"][1], "label": 1}
+        for name, count in queries.items():  # each modality through the shared decoder, then its own head
+            flops += decoder.flops(count, c.num_latents) + dense_flops(projection, count)
+            flops += dense_flops(self.get_layer(f"{name}_output"), count)
+        return shapes["image"][0] * flops

@@ -1,12 +1,14 @@
 """Perceiver (classifier) and Perceiver IO (queried decoder) as functional models."""
 
 import dataclasses
+import math
 from typing import Optional
 
 import keras
 from keras import ops
 
 from keras_perceiver.layers.adapters import GridMask, TiedEmbeddingLogits, ZeroMasked, build_input_adapter
+from keras_perceiver.layers.attention import dense_flops
 from keras_perceiver.layers.blocks import CrossAttentionBlock
 from keras_perceiver.layers.encoder import EncoderConfig, PerceiverEncoder
 from keras_perceiver.layers.position_encoding import FourierPositionEncoding, TrainablePositionEncoding
@@ -83,6 +85,8 @@ def _decode(config, queries, latents, dtype):
 
 
 class _ReadWriteModel(ConfiguredModel):
+    mask_input = "input_mask"
+
     def check_input_relations(self, inputs):
         if "input_mask" in inputs:
             data = "token_ids" if "token_ids" in inputs else "inputs"
@@ -104,6 +108,15 @@ class _ReadWriteModel(ConfiguredModel):
     @property
     def primary_input(self):
         return "token_ids" if self.config.input_adapter.get("type") == "tokens" else "inputs"
+
+    def _read_flops(self, shapes):
+        """(FLOPs per example of the input adapter and the encoder, adapted input rows)."""
+        if "token_ids" in shapes:  # tokens: an embedding lookup, no product
+            rows, flops = shapes["token_ids"][1], 0
+        else:
+            adapter, index_dims = self.get_layer("input_adapter"), shapes["inputs"][1:-1]
+            rows, flops = math.prod(adapter.grid_dims(index_dims)), adapter.flops(index_dims)
+        return flops + self.get_layer("encoder").flops(rows), rows
 
 
 @dataclasses.dataclass
@@ -135,6 +148,13 @@ class Perceiver(_ReadWriteModel):
             pooled = _decode(config, query, latents, dtype)[:, 0]
         logits = keras.layers.Dense(config.num_classes, name="logits", dtype=dtype)(pooled)
         return inputs, logits
+
+    def _flops_from_shapes(self, shapes):
+        flops, _ = self._read_flops(shapes)
+        if self.config.pooling == "query":
+            flops += self.get_layer("decoder").flops(1, self.config.num_latents)
+        flops += dense_flops(self.get_layer("logits"), 1)
+        return shapes[self.primary_input][0] * flops
 
 
 def _default_output_queries():
@@ -219,3 +239,20 @@ class PerceiverIO(_ReadWriteModel):
         if len(index_dims) > 1:
             outputs = keras.layers.Reshape(index_dims + (outputs.shape[-1],), name="output_grid", dtype=dtype)(outputs)
         return inputs, outputs
+
+    def _flops_from_shapes(self, shapes):
+        c = self.config
+        flops, rows = self._read_flops(shapes)
+        kind = c.output_queries["type"]
+        if kind == "inputs":  # the adapted inputs query their own outputs
+            queries = rows
+        elif kind == "learned":
+            queries = c.output_queries["num_queries"]
+        else:
+            queries = math.prod(c.output_queries["index_dims"])
+        flops += self.get_layer("decoder").flops(queries, c.num_latents)
+        if c.output_channels:
+            flops += dense_flops(self.get_layer("output_projection"), queries)
+        if c.tie_output_to_input_embedding:
+            flops += self.get_layer("token_logits").flops(queries)
+        return shapes[self.primary_input][0] * flops

@@ -32,6 +32,7 @@ class PerceiverResampler(ConfiguredModel):
 
     config_class = PerceiverResamplerConfig
     primary_input = "media"
+    mask_input = "media_mask"
 
     @classmethod
     def build_graph(cls, config, dtype):
@@ -52,7 +53,7 @@ class PerceiverResampler(ConfiguredModel):
     def check_inputs(self, inputs):
         if not isinstance(inputs, dict):
             inputs = {"media": inputs}
-        inputs = dict(inputs)
+        inputs = self.with_default_mask(dict(inputs))  # before media gets its unit axes
         if self.config.media_rank == 3:  # no unit axes to add: the base checks cover it
             if "media_mask" in inputs and "media" in inputs:
                 check_mask_matches(self, "media_mask", inputs["media_mask"].shape, "media", inputs["media"].shape[:-1])
@@ -74,6 +75,11 @@ class PerceiverResampler(ConfiguredModel):
         if "media" in inputs:
             inputs["media"] = _to_five_dims(inputs["media"])
         return super().check_inputs(inputs)
+
+    def _flops_from_shapes(self, shapes):
+        batch, *middle, tokens = shapes["media"][:-1]
+        times, frames = (middle + [1, 1])[:2]  # (B, V, D) and (B, T, V, D) get unit axes (to_five_dims)
+        return batch * times * self.get_layer("resampler").flops(frames * tokens)  # per media item
 
 
 def _to_five_dims(x, has_features=True):
