@@ -67,7 +67,9 @@ def transformers_config(config, class_name):
 
     if class_name not in OUR_CLASSES or class_name == "PerceiverForMultimodalAutoencoding":
         raise ValueError(f"class_name must be one of {SUPPORTED[:-1]}; received {class_name!r}")
-    config = dataclasses.asdict(model_classes()[OUR_CLASSES[class_name]].config_class(**config))
+    typed = model_classes()[OUR_CLASSES[class_name]].config_class(**config)
+    adapter = typed.input_adapter
+    config = dataclasses.asdict(typed)
     kwargs = {}
     for ours, theirs in ENCODER_FIELDS:
         if kwargs.get(theirs, config[ours]) != config[ours]:
@@ -80,13 +82,12 @@ def transformers_config(config, class_name):
     if config["activation"] not in activations:
         raise ValueError(f"activation must be one of {sorted(activations)} for transformers; received {config['activation']!r}")
     kwargs["hidden_act"] = activations[config["activation"]]
-    adapter = config["input_adapter"]
     if class_name == "PerceiverForMaskedLM":
-        kwargs.update(vocab_size=adapter["vocab_size"], d_model=adapter["channels"], max_position_embeddings=adapter["max_positions"])
+        kwargs.update(vocab_size=adapter.vocab_size, d_model=adapter.channels, max_position_embeddings=adapter.max_positions)
     elif class_name == "PerceiverForOpticalFlow":
-        kwargs.update(train_size=list(adapter["index_dims"][1:]))
+        kwargs.update(train_size=list(adapter.index_dims[1:]))
     else:
-        height, width = adapter["index_dims"]
+        height, width = adapter.index_dims
         if height != width:
             raise ValueError(f"input_adapter index_dims must be square for {class_name} (image_size); received {[height, width]}")
         kwargs.update(image_size=height, num_labels=config["num_classes"])

@@ -137,6 +137,31 @@ def build_parser():
     export.add_argument("--overwrite", action="store_true",
                         help="replace artefacts keras_perceiver wrote (their .keras-perceiver.json says so); never other files")
 
+    finetune = command("finetune", _finetune, "fine-tune a preset on an .npz (x, y) or an image folder; write the best as a preset")
+    finetune.add_argument("preset", help="a zoo preset name (see `keras-perceiver zoo`) or a preset directory")
+    finetune.add_argument("--data", required=True,
+                          help="an .npz holding x (N, ...input shape) and integer labels y, or an image folder (one sub-folder per class)")
+    finetune.add_argument("--out", required=True,
+                          help="the preset directory to write (a killed run resumes from .<out>.kp-backup beside it when re-run)")
+    finetune.add_argument("--epochs", type=int, default=1, help="passes over the training data")
+    finetune.add_argument("--batch-size", type=int, default=32, help="examples per step")
+    finetune.add_argument("--learning-rate", type=float, default=1e-3,
+                          help="AdamW's peak rate (linear warm-up over 10%% of the steps, then cosine decay)")
+    finetune.add_argument("--num-classes", type=int, default=None,
+                          help="a new class count: a fresh head, every other weight from the preset (default: the preset's)")
+    finetune.add_argument("--freeze", default=None, choices=["head"],
+                          help="head: train only the head, everything else frozen (default: train everything)")
+    finetune.add_argument("--dtype", default=None, choices=["float32", "mixed_bfloat16", "mixed_float16"],
+                          help="the dtype policy to train in (default: float32)")
+    finetune.add_argument("--validation-split", type=float, default=0.0,
+                          help="fraction of the data held out to pick the best epoch by validation loss (default: 0, none held out)")
+    finetune.add_argument("--seed", type=int, default=0, help="seed of the weights' init, the shuffles and the split")
+    finetune.add_argument("--model-parallel", type=int, default=1,
+                          help="devices each model is split over (JAX only; 1: data parallel over every device)")
+    finetune.add_argument("--backup-every-steps", type=int, default=20,
+                          help="steps between backups of the training state (what a killed run resumes from)")
+    finetune.add_argument("--overwrite", action="store_true", help="replace a preset directory keras_perceiver wrote")
+
     bench = command("bench", _bench, "latency / compile time / memory / %% of GEMM peak per preset x backend x mode")
     bench.add_argument("--presets", default="perceiver_digits", help="comma-separated preset or bench configuration names")
     bench.add_argument("--backends", type=_backends, default="all",
@@ -276,6 +301,20 @@ def _export(args, parser):
     reports = export_all(args.preset, targets, args.out, quantize=args.quantize, overwrite=args.overwrite,
                          random_weights=args.random_weights)
     print(format_reports(reports))
+    return 0
+
+
+def _finetune(args, parser):
+    from keras_perceiver.finetuning import finetune
+
+    model, history = finetune(
+        args.preset, args.data, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, num_classes=args.num_classes, freeze=args.freeze, dtype=args.dtype,
+        validation_split=args.validation_split, seed=args.seed, model_parallel=args.model_parallel,
+        overwrite=args.overwrite, backup_every_steps=args.backup_every_steps,
+    )
+    final = ", ".join(f"{name} {values[-1]:.4f}" for name, values in history.history.items() if values)
+    print(f"wrote {args.out} ({type(model).__name__}); final epoch: {final}; load it with keras_perceiver.from_preset({args.out!r})")
     return 0
 
 

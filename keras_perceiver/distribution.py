@@ -41,6 +41,16 @@ def layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_dim_n
     return layouts
 
 
+def visible_devices():
+    """The devices this backend would train on, as Keras names them ("cpu:0", "gpu:1", ...):
+    Keras' own list, except on PyTorch, where Keras 3.15 has none (`list_devices` fails)."""
+    if keras.backend.backend() != "torch":
+        return keras.distribution.list_devices()
+    import torch
+
+    return [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu:0"]
+
+
 def distribution_for(model_class, model_parallel=1, devices=None):
     """The distribution `finetune` uses: None on one device; `DataParallel` over every
     device; with `model_parallel` N > 1, `ModelParallel` on a (devices / N, N) mesh laid out
@@ -48,7 +58,7 @@ def distribution_for(model_class, model_parallel=1, devices=None):
     backend but JAX) or the device count does not split by N."""
     if not isinstance(model_parallel, int) or isinstance(model_parallel, bool) or model_parallel < 1:
         raise ValueError(f"model_parallel: expected a positive integer; received {model_parallel!r}")
-    devices = devices or keras.distribution.list_devices()
+    devices = devices or visible_devices()
     if len(devices) == 1 and model_parallel == 1:
         return None
     backend = keras.backend.backend()

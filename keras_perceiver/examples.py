@@ -6,7 +6,15 @@ exercise the same models.
 
 import numpy as np
 
-from keras_perceiver.models import Perceiver, PerceiverIO, PerceiverMultimodalAutoencoder, PerceiverResampler
+from keras_perceiver.layers import FeatureInput, TokenInput
+from keras_perceiver.models import (
+    InputQueries,
+    LearnedQueries,
+    Perceiver,
+    PerceiverIO,
+    PerceiverMultimodalAutoencoder,
+    PerceiverResampler,
+)
 
 _ENCODER = dict(
     num_latents=16,
@@ -23,7 +31,7 @@ SMALL_MODELS = {
         Perceiver,
         dict(
             _ENCODER,
-            input_adapter={"type": "features", "input_channels": 3, "index_dims": [16, 16], "num_bands": 8},
+            input_adapter=FeatureInput(input_channels=3, index_dims=(16, 16), num_bands=8),
             num_cross_attends=2,
             num_classes=10,
             use_input_mask=True,
@@ -34,11 +42,11 @@ SMALL_MODELS = {
         PerceiverIO,
         dict(
             _ENCODER,
-            input_adapter={"type": "tokens", "vocab_size": 262, "channels": 48, "max_positions": 128},
+            input_adapter=TokenInput(vocab_size=262, channels=48, max_positions=128),
             cross_attention_qk_channels=32,
             cross_attention_v_channels=64,
             self_attention_qk_channels=32,
-            output_queries={"type": "learned", "num_queries": 128, "channels": 48},
+            output_queries=LearnedQueries(num_queries=128, channels=48),
             decoder_num_heads=2,
             decoder_qk_channels=32,
             decoder_v_channels=48,
@@ -52,11 +60,11 @@ SMALL_MODELS = {
         PerceiverIO,
         dict(
             _ENCODER,
-            input_adapter={
-                "type": "features", "input_channels": 27, "index_dims": [2, 6, 8], "temporal_patch_size": 2,
-                "project_channels": 16, "num_bands": 4, "max_resolution": [6, 8],
-            },
-            output_queries={"type": "inputs"},
+            input_adapter=FeatureInput(
+                input_channels=27, index_dims=(2, 6, 8), temporal_patch_size=2,
+                project_channels=16, num_bands=4, max_resolution=(6, 8),
+            ),
+            output_queries=InputQueries(),
             output_channels=2,
             output_scale=0.01,
             decoder_use_query_residual=False,
@@ -112,7 +120,7 @@ def example_inputs(model, batch=2, length=None, seed=0, shapes=None):
         if name.endswith("_mask") and name not in given:
             data_name = "media" if name == "media_mask" else next(n for n in shapes if not n.endswith("_mask"))
             shapes[name] = shapes[data_name][: len(dims)]
-    vocab_size = model.config.input_adapter["vocab_size"] if "token_ids" in shapes else None
+    vocab_size = model.config.input_adapter.vocab_size if "token_ids" in shapes else None
     return random_inputs(shapes, seed=seed, vocab_size=vocab_size, index_limits=getattr(model, "output_point_limits", None))
 
 

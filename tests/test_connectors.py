@@ -165,8 +165,6 @@ def test_flamingo_defaults_unchanged():
 def _write_sharded_checkpoint(directory, state, config):
     """A save_pretrained-style directory: the tensors over four shards (the connector in two
     of them, the "language model" in the other two), an index and config.json."""
-    from safetensors.torch import save_file
-
     connector = {f"model.connector.{k}": v.contiguous() for k, v in state.items()}
     names = sorted(connector)
     half = len(names) // 2
@@ -181,6 +179,14 @@ def _write_sharded_checkpoint(directory, state, config):
         "model-00003-of-00004.safetensors": {k: connector[k] for k in names[half:]},
         "model-00004-of-00004.safetensors": {k: language[k] for k in ("model.text_model.layers.0.mlp.up_proj.weight", "lm_head.weight")},
     }
+    write_shards(directory, shards, config)
+
+
+def write_shards(directory, shards, config):
+    """`shards` ({file name: {tensor name: tensor}}) as safetensors files, their index and
+    config.json: the layout `save_pretrained` writes."""
+    from safetensors.torch import save_file
+
     weight_map = {}
     for shard, tensors in shards.items():
         save_file(tensors, str(directory / shard))

@@ -60,3 +60,12 @@ def test_layout_map_arguments_are_checked():
         mesh = keras.distribution.DeviceMesh(shape=(1,), axis_names=("batch",), devices=keras.distribution.list_devices()[:1])
         with pytest.raises(ValueError, match="model_parallel_dim_name.*received 'model'"):
             kp.Perceiver.get_layout_map(mesh)
+
+
+def test_visible_devices_on_every_backend():
+    from keras_perceiver.distribution import visible_devices
+
+    devices = visible_devices()
+    assert devices and all(isinstance(d, str) and ":" in d for d in devices)
+    if keras.backend.backend() != "jax" and len(devices) == 1:
+        assert distribution_for(kp.PerceiverResampler) is None  # one device: nothing to refuse

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import to_numpy
-from test_connectors import IDEFICS2, _media_and_mask, idefics2_reference
+from test_connectors import IDEFICS2, _media_and_mask, idefics2_reference, write_shards
 
 import keras_perceiver as kp
 from keras_perceiver import presets
@@ -19,7 +19,6 @@ from keras_perceiver.converters import hub
 from keras_perceiver.converters import idefics as idefics_converter
 
 huggingface_hub = pytest.importorskip("huggingface_hub", reason="needs the convert extra (huggingface_hub)")
-from safetensors.torch import save_file  # noqa: E402
 
 REPO = "tiny-org/idefics2-tiny"
 PRESET = "tiny_idefics2_connector"
@@ -41,12 +40,7 @@ def _write_checkpoint(directory, state, config):
         },
         "model-00003-of-00003.safetensors": {k: connector[k] for k in names[len(names) // 2:]},
     }
-    weight_map = {}
-    for shard, tensors in shards.items():
-        save_file(tensors, str(directory / shard))
-        weight_map.update({k: shard for k in tensors})
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (directory / "config.json").write_text(config.to_json_string())
+    write_shards(directory, shards, config)
     return sum(t.numel() * t.element_size() for t in connector.values())
 
 

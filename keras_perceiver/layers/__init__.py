@@ -1,6 +1,14 @@
 """Backend-agnostic building blocks (keras.ops only)."""
 
-from keras_perceiver.layers.adapters import FeatureAdapter, GridMask, TokenAdapter, ZeroMasked, build_input_adapter
+from keras_perceiver.layers.adapters import (
+    FeatureAdapter,
+    FeatureInput,
+    GridMask,
+    TokenAdapter,
+    TokenInput,
+    ZeroMasked,
+    build_input_adapter,
+)
 from keras_perceiver.layers.attention import MultiHeadAttention, attention, zero_masked
 from keras_perceiver.layers.blocks import CrossAttentionBlock, FeedForward, SelfAttentionBlock
 from keras_perceiver.layers.encoder import EncoderConfig, PerceiverEncoder

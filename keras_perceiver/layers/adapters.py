@@ -1,6 +1,9 @@
 """Input adapters: turn raw inputs into a (batch, M, channels) array with positions."""
 
+import dataclasses
 import math
+import numbers
+from typing import Optional
 
 import keras
 from keras import ops
@@ -356,17 +359,200 @@ class ZeroMasked(keras.layers.Layer):
         return keras.KerasTensor(x.shape, dtype=x.dtype)
 
 
-ADAPTERS = {"features": FeatureAdapter, "tokens": TokenAdapter}
+# ------------------------------------------------------------------ typed specs
+class TypedSpec:
+    """Base of the typed specs (frozen dataclasses) that configs hold for a choice of kind,
+    such as `PerceiverConfig.input_adapter`. `kind` is the spec's "type" in config dicts:
+    `spec_from` reads `{"type": kind, field: value, ...}` and `to_dict` writes it back."""
+
+    kind = None
+
+    def to_dict(self):
+        """`{"type": kind, field: value, ...}` (lists for tuples): the keys of the dict the
+        spec was read from, in its order, so that a file read and written back is unchanged
+        (zoo entries are compared key by key with converted models' configs); else the
+        required fields and those that differ from their defaults."""
+        keys = getattr(self, "_dict_keys", None)
+        if keys is None:
+            keys = [
+                f.name for f in dataclasses.fields(self)
+                if f.default is dataclasses.MISSING or getattr(self, f.name) != f.default
+            ]
+        return {"type": self.kind, **{key: _as_list(getattr(self, key)) for key in keys}}
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def spec_from(field, value, spec_classes):
+    """`value`, a typed spec or its dict form `{"type": ..., field: value, ...}`, as an
+    instance of one of `spec_classes`; `field` names the config field in messages."""
+    if isinstance(value, tuple(spec_classes)):
+        return value
+    kinds = {cls.kind: cls for cls in spec_classes}
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"`{field}` must be a {' or '.join(cls.__name__ for cls in spec_classes)}, or a dict with a 'type' "
+            f"key; received {value!r}"
+        )
+    kind = value.get("type")
+    if kind not in kinds:
+        raise ValueError(f"{field} `type` must be one of {sorted(kinds)}; received {kind!r}")
+    cls = kinds[kind]
+    fields = {key: item for key, item in value.items() if key != "type"}
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(fields) - set(names))
+    if unknown:
+        raise ValueError(f"{field} of type {kind!r}: unknown key(s) {unknown}; valid keys: {['type'] + names}")
+    missing = [
+        f.name for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in fields
+    ]
+    if missing:
+        raise ValueError(f"{field} of type {kind!r} needs the key(s) {missing}; received {value}")
+    spec = cls(**fields)
+    object.__setattr__(spec, "_dict_keys", tuple(fields))  # not a field: equality ignores it
+    return spec
+
+
+def check_int(spec, name, value, minimum=1, optional=False):
+    """Raise unless `value` (field `name` of `spec`) is an int >= `minimum` (or None if `optional`)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        expected = f"an int >= {minimum}" + (" or None" if optional else "")
+        raise ValueError(f"{type(spec).__name__}: `{name}` must be {expected}; received {value!r}")
+
+
+def check_bool(spec, name, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"{type(spec).__name__}: `{name}` must be True or False; received {value!r}")
+
+
+def dims_tuple(spec, name, value, allow_none=False, optional=False):
+    """`value` (field `name` of `spec`: a non-empty list or tuple of ints >= 1, entries None too
+    if `allow_none`) as a tuple, or None when `optional` and None; raises otherwise."""
+    if value is None and optional:
+        return None
+    if not (
+        isinstance(value, (list, tuple))
+        and len(value) > 0
+        and all(
+            (d is None and allow_none) or (isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1)
+            for d in value
+        )
+    ):
+        entries = "ints >= 1" + (" or None" if allow_none else "")
+        expected = f"a non-empty list of {entries}" + (" or None" if optional else "")
+        raise ValueError(f"{type(spec).__name__}: `{name}` must be {expected}; received {value!r}")
+    return tuple(value)
+
+
+def check_choice(spec, name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{type(spec).__name__}: `{name}` must be one of {list(choices)}; received {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenInput(TypedSpec):
+    """Token ids in (`token_ids`, (batch, length)): the `TokenAdapter`. Dict form
+    `{"type": "tokens", ...}`. All fields are required ints >= 1.
+
+    vocab_size: the number of token ids (ids lie in [0, vocab_size)).
+    channels: the embedding width.
+    max_positions: the length of the learned position table, the most tokens an input may have.
+    """
+
+    kind = "tokens"
+    vocab_size: int
+    channels: int
+    max_positions: int
+
+    def __post_init__(self):
+        for name in ("vocab_size", "channels", "max_positions"):
+            check_int(self, name, getattr(self, name))
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureInput(TypedSpec):
+    """Arrays in (`inputs`, (batch, *index_dims, input_channels)): the `FeatureAdapter`.
+    Dict form `{"type": "features", ...}`. Lists are kept as tuples.
+
+    input_channels (required): the channels of the model input (its last axis).
+    index_dims (required): the sizes of the axes between batch and channels; None for an
+        axis of any length (Fourier or no positions).
+    patch_size (None): cut the last two axes (or the one axis) into patches of this size.
+    temporal_patch_size (None): cut the first of three axes (time) into this many frames.
+    conv_stem_channels (None): a 7x7 stride-2 convolution, batch norm, ReLU and 3x3 stride-2
+        max pool with this many channels first (not with patches).
+    project_channels (None): a per-position linear projection to this many channels.
+    position_encoding ("fourier"): "fourier", "trainable" or None (no position features).
+    num_bands (64): Fourier frequency bands per axis.
+    max_resolution (None): the resolution the Fourier bands span (default: index_dims);
+        needed where index_dims has a None.
+    concat_pos (True): the Fourier features include the positions themselves.
+    sine_only (False): Fourier features are sines only (no cosines).
+    position_channels (None): the width of trainable positions (needed for "trainable").
+    position_projection_channels (None): project the position features to this many channels.
+    combine ("concat"): "concat" the position features to the inputs, or "add" them.
+    """
+
+    kind = "features"
+    input_channels: int
+    index_dims: tuple
+    patch_size: Optional[int] = None
+    temporal_patch_size: Optional[int] = None
+    conv_stem_channels: Optional[int] = None
+    project_channels: Optional[int] = None
+    position_encoding: Optional[str] = "fourier"
+    num_bands: int = 64
+    max_resolution: Optional[tuple] = None
+    concat_pos: bool = True
+    sine_only: bool = False
+    position_channels: Optional[int] = None
+    position_projection_channels: Optional[int] = None
+    combine: str = "concat"
+
+    def __post_init__(self):
+        check_int(self, "input_channels", self.input_channels)
+        object.__setattr__(self, "index_dims", dims_tuple(self, "index_dims", self.index_dims, allow_none=True))
+        for name in (
+            "patch_size", "temporal_patch_size", "conv_stem_channels", "project_channels",
+            "position_channels", "position_projection_channels",
+        ):
+            check_int(self, name, getattr(self, name), optional=True)
+        check_choice(self, "position_encoding", self.position_encoding, ("fourier", "trainable", None))
+        check_int(self, "num_bands", self.num_bands)
+        object.__setattr__(
+            self, "max_resolution", dims_tuple(self, "max_resolution", self.max_resolution, optional=True)
+        )
+        check_bool(self, "concat_pos", self.concat_pos)
+        check_bool(self, "sine_only", self.sine_only)
+        check_choice(self, "combine", self.combine, ("concat", "add"))
+
+    @property
+    def patches(self):
+        """Whether the input is cut into patches."""
+        return bool(self.patch_size or self.temporal_patch_size)
+
+
+INPUT_SPECS = (FeatureInput, TokenInput)
+
+
+def input_spec(value):
+    """`value` (a `FeatureInput`, a `TokenInput` or its dict form) as a typed input spec."""
+    return spec_from("input_adapter", value, INPUT_SPECS)
 
 
 def build_input_adapter(spec, dtype=None):
-    """`{"type": "features" | "tokens", **kwargs}` -> adapter layer."""
-    spec = dict(spec)
-    kind = spec.pop("type", None)
-    if kind not in ADAPTERS:
-        raise ValueError(f"input_adapter `type` must be one of {sorted(ADAPTERS)}; received {kind!r}")
-    spec.pop("input_channels", None)  # describes the model input, not the layer
-    return ADAPTERS[kind](**spec, name="input_adapter", dtype=dtype)
+    """A `FeatureInput` or `TokenInput` (or its dict form) -> its adapter layer."""
+    spec = input_spec(spec)
+    if isinstance(spec, TokenInput):
+        return TokenAdapter(spec.vocab_size, spec.channels, spec.max_positions, name="input_adapter", dtype=dtype)
+    kwargs = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+    kwargs.pop("input_channels")  # describes the model input, not the layer
+    return FeatureAdapter(**kwargs, name="input_adapter", dtype=dtype)
 
 
 @keras.saving.register_keras_serializable(package="keras_perceiver")

@@ -9,6 +9,17 @@ import keras
 import numpy as np
 
 
+def config_dict(config):
+    """A config dataclass as plain data (`dataclasses.asdict`), its typed specs (such as
+    `input_adapter`) in their dict form `{"type": ..., field: value, ...}`."""
+    values = dataclasses.asdict(config)
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if hasattr(value, "to_dict"):
+            values[field.name] = value.to_dict()
+    return values
+
+
 def make_config(config_class, config=None, overrides=None):
     """A `config_class` from None, a dict or an instance, with keyword overrides applied."""
     if config is None:
@@ -16,7 +27,7 @@ def make_config(config_class, config=None, overrides=None):
     elif isinstance(config, dict):
         values = dict(config)
     elif isinstance(config, config_class):
-        values = dataclasses.asdict(config)
+        values = config_dict(config)
     else:
         raise ValueError(
             f"`config` must be a {config_class.__name__}, a dict or None; received {type(config).__name__}"
@@ -75,7 +86,7 @@ class ConfiguredModel(keras.Model):
         raise NotImplementedError
 
     def get_config(self):
-        config = {"name": self.name, "trainable": self.trainable, "config": dataclasses.asdict(self.config)}
+        config = {"name": self.name, "trainable": self.trainable, "config": config_dict(self.config)}
         if self._dtype_arg is not None:
             config["dtype"] = keras.dtype_policies.serialize(keras.dtype_policies.get(self._dtype_arg))
         return config

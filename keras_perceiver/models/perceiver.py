@@ -2,12 +2,25 @@
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import keras
 from keras import ops
 
-from keras_perceiver.layers.adapters import GridMask, TiedEmbeddingLogits, ZeroMasked, build_input_adapter
+from keras_perceiver.layers.adapters import (
+    FeatureInput,
+    GridMask,
+    TiedEmbeddingLogits,
+    TokenInput,
+    TypedSpec,
+    ZeroMasked,
+    build_input_adapter,
+    check_bool,
+    check_int,
+    dims_tuple,
+    input_spec,
+    spec_from,
+)
 from keras_perceiver.layers.attention import dense_flops
 from keras_perceiver.layers.blocks import CrossAttentionBlock
 from keras_perceiver.layers.encoder import EncoderConfig, PerceiverEncoder
@@ -21,11 +34,14 @@ def _default_input_adapter():
 
 @dataclasses.dataclass
 class _ReadWriteConfig(EncoderConfig):
-    """Fields shared by Perceiver and Perceiver IO: the input adapter and the decoder."""
+    """Fields shared by Perceiver and Perceiver IO: the input adapter and the decoder.
 
-    # {"type": "features", "input_channels": C, "index_dims": [...], ...FeatureAdapter args}
-    # or {"type": "tokens", "vocab_size": V, "channels": D, "max_positions": P}.
-    input_adapter: dict = dataclasses.field(default_factory=_default_input_adapter)
+    `input_adapter`: a `FeatureInput` (arrays, default 224 x 224 x 3 with 64 Fourier bands)
+    or a `TokenInput` (token ids), or its dict form (`{"type": "features" | "tokens", field:
+    value, ...}`), read into the typed spec; `get_config()` writes the dict form.
+    """
+
+    input_adapter: Union[FeatureInput, TokenInput, dict] = dataclasses.field(default_factory=_default_input_adapter)
     use_input_mask: bool = False
     decoder_num_heads: int = 1
     decoder_qk_channels: Optional[int] = None
@@ -33,23 +49,18 @@ class _ReadWriteConfig(EncoderConfig):
     decoder_widening_factor: int = 1
     decoder_use_query_residual: bool = True
 
-    def validate(self):
-        super().validate()
-        if self.input_adapter.get("type") == "features" and not self.input_adapter.get("input_channels"):
-            raise ValueError(
-                "input_adapter of type 'features' needs `input_channels`; "
-                f"received {self.input_adapter}"
-            )
+    def __post_init__(self):
+        self.input_adapter = input_spec(self.input_adapter)
 
 
 def _encode(config, dtype):
     """Named inputs -> adapter -> encoder. Returns (inputs dict, adapted inputs, latents, adapter)."""
     spec = config.input_adapter
-    if spec.get("type") == "tokens":
+    if isinstance(spec, TokenInput):
         inputs = {"token_ids": keras.Input((None,), dtype="int32", name="token_ids")}
         mask_shape = (None,)
     else:
-        shape = tuple(spec.get("index_dims", [None])) + (spec["input_channels"],)
+        shape = spec.index_dims + (spec.input_channels,)
         inputs = {"inputs": keras.Input(shape, name="inputs")}
         mask_shape = shape[:-1]
     if config.use_input_mask:
@@ -59,10 +70,9 @@ def _encode(config, dtype):
     mask = None
     if config.use_input_mask:
         data = ZeroMasked(name="zero_masked_inputs", dtype=dtype)(data, inputs["input_mask"])
-        patches = spec.get("patch_size") or spec.get("temporal_patch_size")
-        if spec.get("type") == "features" and (patches or spec.get("conv_stem_channels")):
+        if isinstance(spec, FeatureInput) and (spec.patches or spec.conv_stem_channels):
             mask = GridMask(
-                spec.get("patch_size"), spec.get("temporal_patch_size"), conv_stem=not patches, name="grid_mask"
+                spec.patch_size, spec.temporal_patch_size, conv_stem=not spec.patches, name="grid_mask"
             )(inputs["input_mask"])
         else:
             mask = keras.layers.Reshape((-1,), name="flatten_mask")(inputs["input_mask"])
@@ -94,20 +104,20 @@ class _ReadWriteModel(ConfiguredModel):
             check_mask_matches(self, "input_mask", inputs["input_mask"].shape, data, expected)
         spec = self.config.input_adapter
         if "token_ids" in inputs and inputs["token_ids"].shape[1] is not None:
-            if inputs["token_ids"].shape[1] > spec["max_positions"]:
+            if inputs["token_ids"].shape[1] > spec.max_positions:
                 raise ValueError(
                     f"{type(self).__name__}: input 'token_ids' may have at most max_positions="
-                    f"{spec['max_positions']} tokens; received shape {tuple(inputs['token_ids'].shape)}"
+                    f"{spec.max_positions} tokens; received shape {tuple(inputs['token_ids'].shape)}"
                 )
 
     def check_input_values(self, inputs):
         if "token_ids" in inputs:
-            vocab = self.config.input_adapter["vocab_size"]
+            vocab = self.config.input_adapter.vocab_size
             check_index_range(self, "token_ids", inputs["token_ids"], vocab, "token ids", "vocab_size")
 
     @property
     def primary_input(self):
-        return "token_ids" if self.config.input_adapter.get("type") == "tokens" else "inputs"
+        return "token_ids" if isinstance(self.config.input_adapter, TokenInput) else "inputs"
 
     def _read_flops(self, shapes):
         """(FLOPs per example of the input adapter and the encoder, adapted input rows)."""
@@ -121,6 +131,9 @@ class _ReadWriteModel(ConfiguredModel):
 
 @dataclasses.dataclass
 class PerceiverConfig(_ReadWriteConfig):
+    """`input_adapter`: a `FeatureInput` or `TokenInput` (`keras_perceiver.layers`), or its
+    dict form; see `_ReadWriteConfig`."""
+
     num_classes: int = 1000
     # "mean": average the latents (the Perceiver paper); "query": one learned query
     # cross-attends the latents (the transformers classification decoder).
@@ -157,38 +170,100 @@ class Perceiver(_ReadWriteModel):
         return shapes[self.primary_input][0] * flops
 
 
+@dataclasses.dataclass(frozen=True)
+class LearnedQueries(TypedSpec):
+    """Learned output queries: output (batch, num_queries, channels). Dict form
+    `{"type": "learned", ...}`. Both fields are required ints >= 1.
+
+    num_queries: the number of queries (outputs).
+    channels: the width of each query.
+    """
+
+    kind = "learned"
+    num_queries: int
+    channels: int
+
+    def __post_init__(self):
+        check_int(self, "num_queries", self.num_queries)
+        check_int(self, "channels", self.channels)
+
+
+@dataclasses.dataclass(frozen=True)
+class FourierQueries(TypedSpec):
+    """Fourier features of an output grid as queries, one per output element: output
+    (batch, *index_dims, channels). Dict form `{"type": "fourier", ...}`. Lists are kept as tuples.
+
+    index_dims (required): the output grid, a list of ints >= 1.
+    num_bands (required): frequency bands per axis, an int >= 1.
+    max_resolution (None): the resolution the bands span (default: index_dims).
+    concat_pos (True): the features include the positions themselves.
+    sine_only (False): sines only (no cosines).
+    """
+
+    kind = "fourier"
+    index_dims: tuple
+    num_bands: int
+    max_resolution: Optional[tuple] = None
+    concat_pos: bool = True
+    sine_only: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "index_dims", dims_tuple(self, "index_dims", self.index_dims))
+        check_int(self, "num_bands", self.num_bands)
+        object.__setattr__(
+            self, "max_resolution", dims_tuple(self, "max_resolution", self.max_resolution, optional=True)
+        )
+        check_bool(self, "concat_pos", self.concat_pos)
+        check_bool(self, "sine_only", self.sine_only)
+
+
+@dataclasses.dataclass(frozen=True)
+class InputQueries(TypedSpec):
+    """The adapted inputs themselves are the queries (dense prediction on the input grid, e.g.
+    optical flow); needs a `FeatureInput`. Dict form `{"type": "inputs"}`; no fields."""
+
+    kind = "inputs"
+
+
+QUERY_SPECS = (LearnedQueries, FourierQueries, InputQueries)
+
+
 def _default_output_queries():
     return {"type": "learned", "num_queries": 1, "channels": 1280}
 
 
 @dataclasses.dataclass
 class PerceiverIOConfig(_ReadWriteConfig):
-    # {"type": "learned", "num_queries": O, "channels": C} or {"type": "fourier",
-    # "index_dims": [...], "num_bands": K, "max_resolution": [...], "concat_pos": bool,
-    # "sine_only": bool}: one query per output element; or {"type": "inputs"}: the adapted
-    # inputs themselves are the queries (dense prediction on the input grid, e.g. optical flow).
-    output_queries: dict = dataclasses.field(default_factory=_default_output_queries)
+    """`output_queries`: `LearnedQueries` (default: 1 query of 1280 channels), `FourierQueries`
+    or `InputQueries`, or its dict form (`{"type": "learned" | "fourier" | "inputs", field:
+    value, ...}`), read into the typed spec; `get_config()` writes the dict form. See
+    `_ReadWriteConfig` for `input_adapter`."""
+
+    output_queries: Union[LearnedQueries, FourierQueries, InputQueries, dict] = dataclasses.field(
+        default_factory=_default_output_queries
+    )
     output_channels: Optional[int] = None  # a final projection of the decoded queries
     output_scale: float = 1.0  # multiplies the outputs (the flow model predicts flow / 100)
     # Token logits through the input embedding plus a bias (the masked language model).
     tie_output_to_input_embedding: bool = False
 
+    def __post_init__(self):
+        super().__post_init__()
+        self.output_queries = spec_from("output_queries", self.output_queries, QUERY_SPECS)
+
     def validate(self):
         super().validate()
         if self.tie_output_to_input_embedding and (
-            self.input_adapter.get("type") != "tokens" or self.output_channels
+            not isinstance(self.input_adapter, TokenInput) or self.output_channels
         ):
             raise ValueError(
                 "`tie_output_to_input_embedding` needs a 'tokens' input_adapter and no output_channels; "
-                f"received input_adapter type {self.input_adapter.get('type')!r}, output_channels={self.output_channels}"
+                f"received input_adapter type {self.input_adapter.kind!r}, output_channels={self.output_channels}"
             )
-        kind = self.output_queries.get("type")
-        if kind not in ("learned", "fourier", "inputs"):
-            raise ValueError(f"output_queries `type` must be 'learned', 'fourier' or 'inputs'; received {kind!r}")
-        if kind == "inputs" and self.input_adapter.get("type") != "features":
+        if isinstance(self.output_queries, InputQueries) and not isinstance(self.input_adapter, FeatureInput):
             raise ValueError(
                 "output_queries of type 'inputs' need a 'features' input_adapter; "
-                f"received input_adapter type {self.input_adapter.get('type')!r}"
+                f"received input_adapter type {self.input_adapter.kind!r}"
             )
 
 
@@ -205,24 +280,23 @@ class PerceiverIO(_ReadWriteModel):
     @classmethod
     def build_graph(cls, config, dtype):
         inputs, adapted, latents, adapter = _encode(config, dtype)
-        spec = dict(config.output_queries)
-        kind = spec.pop("type")
-        if kind == "inputs":
+        spec = config.output_queries
+        if isinstance(spec, InputQueries):
             queries, index_dims = adapted, tuple(adapter.grid_dims())
             if None in index_dims:
                 index_dims = (None,)
-        elif kind == "learned":
-            index_dims = (spec["num_queries"],)
-            queries = TrainablePositionEncoding(index_dims, spec["channels"], name="output_queries", dtype=dtype)(
+        elif isinstance(spec, LearnedQueries):
+            index_dims = (spec.num_queries,)
+            queries = TrainablePositionEncoding(index_dims, spec.channels, name="output_queries", dtype=dtype)(
                 latents
             )
         else:
-            index_dims = tuple(spec["index_dims"])
+            index_dims = spec.index_dims
             queries = FourierPositionEncoding(
-                spec["num_bands"],
-                spec.get("max_resolution") or index_dims,
-                spec.get("concat_pos", True),
-                spec.get("sine_only", False),
+                spec.num_bands,
+                spec.max_resolution or index_dims,
+                spec.concat_pos,
+                spec.sine_only,
                 index_dims=index_dims,
                 name="output_queries",
                 dtype=dtype,
@@ -243,13 +317,13 @@ class PerceiverIO(_ReadWriteModel):
     def _flops_from_shapes(self, shapes):
         c = self.config
         flops, rows = self._read_flops(shapes)
-        kind = c.output_queries["type"]
-        if kind == "inputs":  # the adapted inputs query their own outputs
+        spec = c.output_queries
+        if isinstance(spec, InputQueries):  # the adapted inputs query their own outputs
             queries = rows
-        elif kind == "learned":
-            queries = c.output_queries["num_queries"]
+        elif isinstance(spec, LearnedQueries):
+            queries = spec.num_queries
         else:
-            queries = math.prod(c.output_queries["index_dims"])
+            queries = math.prod(spec.index_dims)
         flops += self.get_layer("decoder").flops(queries, c.num_latents)
         if c.output_channels:
             flops += dense_flops(self.get_layer("output_projection"), queries)
