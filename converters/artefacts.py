@@ -177,10 +177,20 @@ def metadata_path(path):
 
 
 def _companion_paths(target, path):
-    """Every path the artefact at `path` consists of, in commit order but the last: OpenVINO's
-    weights (.bin) come before its .xml."""
+    """Every path the artefact at `path` may consist of, the main file last: OpenVINO's
+    weights (.bin) come before its .xml, and an ONNX file over 2 GB keeps its weights in
+    `<file>.data` (ONNX's external data, which the .onnx names by that file name)."""
     path = Path(path)
-    return [path.with_suffix(".bin"), path] if target == "openvino" else [path]
+    if target == "openvino":
+        return [path.with_suffix(".bin"), path]
+    if target == "onnx":
+        return [path.with_name(path.name + ".data"), path]
+    return [path]
+
+
+def _file_size(path):
+    path = Path(path)
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def read_metadata(path):
@@ -275,7 +285,8 @@ def _worker_error(done, error_file, context):
     except (OSError, ValueError):
         tail = "\n".join(done.stderr.strip().splitlines()[-12:])
         error = RuntimeError(
-            f"{context}: the export process died without reporting an error (exit code {done.returncode}); "
+            f"{context}: the export process died without reporting an error (exit code {done.returncode}"
+            f"{': killed, most often for lack of memory' if done.returncode == -9 else ''}); "
             f"the last lines it wrote:\n{tail}"
         )
         error.worker_traceback = None
@@ -366,7 +377,10 @@ def export(
             model_file = staging / "model.keras"
             model_or_preset.save(model_file)
             source = {"keras_file": str(model_file)}
-        out = staging / ("artefact" + SUFFIXES[target])
+        # an ONNX file is staged under its final name: its external data (over 2 GB) is named
+        # after it, and the .onnx refers to that name; the other tools want their suffix
+        (staging / "artefact").mkdir()
+        out = staging / "artefact" / (path.name if target == "onnx" else "artefact" + SUFFIXES[target])
         job = dict(
             source, target=target, out=str(out), shapes=input_shapes, dynamic=dynamic, quantize=quantize,
             verify=verify, random_weights=bool(random_weights), report=str(staging / "report.json"),
@@ -386,7 +400,11 @@ def export(
             raise _worker_error(done, job["error"], context) from None
         report = ExportReport(**written["report"])
         report.path, report.metadata_path = str(path), str(metadata_path(path))
-        staged = _companion_paths(target, out)
+        pairs = [(s, f) for s, f in zip(_companion_paths(target, out), final) if s.exists()]
+        staged, final = [s for s, _ in pairs], [f for _, f in pairs]
+        # a companion the new artefact does not have (an older export's ONNX .data) is removed
+        previous = read_metadata(path) or {}
+        stale = [f for f in _companion_paths(target, path) if f not in final and f.name in previous.get("files", {})]
         fields = dataclasses.asdict(report)
         for key in ("path", "metadata_path"):
             fields.pop(key)
@@ -405,6 +423,8 @@ def export(
         staged_metadata = staging / "metadata.json"
         staged_metadata.write_text(json.dumps(_json_safe(metadata), indent=1, allow_nan=False))
         _commit_artefact(staged, final, staged_metadata, metadata_path(path))
+        for leftover in stale:
+            leftover.unlink(missing_ok=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if progress:
@@ -803,9 +823,8 @@ def worker(job):
     try:
         _progress(job, "converting...")
         converted = _convert(model, job, str(work))
-        size = sum(f.stat().st_size for f in Path(job["out"]).rglob("*")) if Path(job["out"]).is_dir() else Path(job["out"]).stat().st_size
+        size = sum(_file_size(p) for p in _companion_paths(target, job["out"]) if p.exists())
         if target == "openvino":
-            size += Path(job["out"]).with_suffix(".bin").stat().st_size
             condition = openvino_runtime_condition(job["out"], openvino_precision(job["quantize"]))
             extra["openvino"], runtime_config = condition, condition["compile_config"]
             if job["quantize"] == "bfloat16":

@@ -551,3 +551,40 @@ def test_export_real_size_presets(preset, target, tmp_path):
     report = export(preset, target, path, random_weights=True)
     _check(report, target, path, weights="random")
     assert "random weights" in report.notes
+
+
+@once
+def test_an_onnx_file_with_external_data_is_committed_whole(tmp_path, monkeypatch):
+    """Over 2 GB, torch.onnx keeps the weights in `<file>.data`, which the .onnx names: the
+    pair is staged under the final name and committed together, both hashed; a later export
+    without external data removes the earlier `.data`. (The worker is faked: a 2 GB model
+    does not fit the CI machine; idefics2_connector at its real size was run by hand.)"""
+    import subprocess
+
+    def fake_worker(with_data):
+        def run(module, arguments, backend, **kwargs):
+            job = json.loads(arguments[0])
+            out = Path(job["out"])
+            out.write_bytes(b"onnx graph naming " + (out.name + ".data").encode())
+            if with_data:
+                out.with_name(out.name + ".data").write_bytes(b"weights" * 1000)
+            report = dict(target="onnx", route="fake [torch]", runtime="onnxruntime", path=str(out), size_bytes=1,
+                          dynamic=True, checked_shapes=[[1], [2]], max_abs_error=0.0, max_rel_error=0.0,
+                          latency_ms=1.0, verified=True, weights="model")
+            Path(job["report"]).write_text(json.dumps({"report": report}))
+            return subprocess.CompletedProcess([], 0, "", "")
+        return run
+
+    model = build_small("perceiver")
+    path = tmp_path / "big.onnx"
+    monkeypatch.setattr(artefacts, "run_under_backend", fake_worker(True))
+    export(model, "onnx", path, progress=False)
+    data = tmp_path / "big.onnx.data"
+    assert path.read_bytes() == b"onnx graph naming big.onnx.data" and data.read_bytes() == b"weights" * 1000
+    files = read_metadata(path)["files"]
+    assert files == {"big.onnx": storage.sha256_of(path), "big.onnx.data": storage.sha256_of(data)}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data", "big.onnx.keras-perceiver.json"]
+
+    monkeypatch.setattr(artefacts, "run_under_backend", fake_worker(False))
+    export(model, "onnx", path, overwrite=True, progress=False)
+    assert not data.exists() and list(read_metadata(path)["files"]) == ["big.onnx"]
