@@ -158,3 +158,36 @@ def test_a_run_killed_with_sigkill_resumes_with_the_same_number_of_steps(tmp_pat
     assert int(model.optimizer.iterations) == 3 * 2  # what an uninterrupted run takes (without the step
     # counter set back to the replayed epoch's start it would be 7)
     assert kp.from_preset(str(out)).config.num_classes == 5 and not backup_dir(out).exists()
+
+
+def test_any_model_with_its_own_loss_from_arrays_or_a_pydataset(tmp_path):
+    """The generic path: a resampler preset directory, MSE towards fixed targets, from NumPy
+    arrays and from a keras.utils.PyDataset; the loss falls and the result reloads."""
+    from keras_perceiver.examples import build_small
+
+    source = tmp_path / "resampler"
+    model = build_small("perceiver_resampler", num_media_embeds=None, max_num_frames=None)
+    kp.save_to_preset(model, source)
+    rng = np.random.default_rng(0)
+    media = rng.normal(size=(16, 1, 1, 6, 64)).astype("float32")
+    targets = 0.1 * rng.normal(size=(16, 1, 8, 64)).astype("float32")
+
+    tuned, history = kp.finetune(str(source), x=media, y=targets, loss="mse", epochs=4, batch_size=8,
+                                 learning_rate=1e-2, out=tmp_path / "tuned", verbose=0)
+    losses = history.history["loss"]
+    assert losses[-1] < losses[0]
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(kp.from_preset(str(tmp_path / "tuned"))(media[:2])),
+                               keras.ops.convert_to_numpy(tuned(media[:2])), atol=1e-6)
+
+    class Batches(keras.utils.PyDataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            return media[8 * index: 8 * index + 8], targets[8 * index: 8 * index + 8]
+
+    _, history = kp.finetune(str(source), Batches(), loss="mse", epochs=2, learning_rate=1e-2,
+                             out=tmp_path / "tuned_from_batches", verbose=0)
+    assert len(history.history["loss"]) == 2 and kp.from_preset(str(tmp_path / "tuned_from_batches"))
+    with pytest.raises(ValueError, match="loss"):
+        kp.finetune(str(source), x=media, y=targets, out=tmp_path / "no_loss", verbose=0)
