@@ -47,11 +47,23 @@ def peer_call(fn, model, args):
     heads take them by keyword ((token ids, mask) for the language model, (pixels,) for the
     image models); the resamplers and Idefics2's connector in order ((media,), or
     Idefics2Connector's (image_hidden_states, attention_mask))."""
+    if type(model).__name__ == "PerceiverForMultimodalAutoencoding":  # (inputs, output points), dicts
+        return lambda: fn(inputs=args[0], subsampled_output_points=args[1])
     if type(model).__name__.startswith("PerceiverFor"):
         if len(args) == 2:
             return lambda: fn(inputs=args[0], attention_mask=args[1])
         return lambda: fn(inputs=args[0])
     return lambda: fn(*args)
+
+
+def _moved(value, device, dtype):
+    """A peer's argument on `device`, floating tensors in `dtype`; dicts (the multimodal
+    autoencoder's) entry by entry."""
+    if isinstance(value, dict):
+        return {k: _moved(v, device, dtype) for k, v in value.items()}
+    if value is None:
+        return None
+    return value.to(device, dtype) if value.is_floating_point() else value.to(device)
 
 
 def run_peers(presets, batches, repeats, compiled=False, dtypes=("float32",), peaks=None, accelerated=False):
@@ -71,8 +83,7 @@ def run_peers(presets, batches, repeats, compiled=False, dtypes=("float32",), pe
             model = model.to(device=device, dtype=getattr(torch, dtype))
             fn = model if not compiled else torch.compile(model)
             for batch in batches:
-                args = [a.to(device, getattr(torch, dtype)) if a.is_floating_point() else a.to(device)
-                        for a in to_torch(bench_inputs(name, batch))]
+                args = [_moved(a, device, getattr(torch, dtype)) for a in to_torch(bench_inputs(name, batch))]
                 forward = peer_call(fn, model, args)
                 call = (lambda: (forward(), synchronize(device))) if accelerated else forward  # noqa: E731
                 with torch.no_grad():

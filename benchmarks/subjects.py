@@ -80,7 +80,10 @@ def bench_inputs(name, batch, seed=0):
     entry = bench_entries()[name]
     config = entry["config"]
     shapes = bench_input_shapes(config, entry["bench"]["inputs"], batch)
-    return random_inputs(shapes, seed=seed, vocab_size=config.get("input_adapter", {}).get("vocab_size"))
+    from keras_perceiver.presets import model_classes
+
+    limits = getattr(model_classes()[entry["class_name"]].config_class(**config), "output_point_limits", None)
+    return random_inputs(shapes, seed=seed, vocab_size=config.get("input_adapter", {}).get("vocab_size"), index_limits=limits)
 
 
 def build_peer(peer, config, inputs):
@@ -113,6 +116,17 @@ def build_peer(peer, config, inputs):
     from keras_perceiver.converters.transformers_perceiver import transformers_config
 
     model = cls(transformers_config(config, class_name)).eval()
+    if class_name == "PerceiverForMultimodalAutoencoding":
+        # one chunk of output points, the same for every example (transformers takes them 1-D);
+        # the label is masked at inference, so its one-hot input is zeros
+        def multimodal(x):
+            video = torch.from_numpy(np.moveaxis(x["image"], -1, -3).copy())
+            label = torch.zeros(video.shape[0], config["num_labels"])
+            points = {"image": torch.from_numpy(x["image_output_points"][0].astype("int64")),
+                      "audio": torch.from_numpy(x["audio_output_points"][0].astype("int64")), "label": None}
+            return ({"image": video, "audio": torch.from_numpy(x["audio"]), "label": label}, points)
+
+        return model, multimodal
     if class_name == "PerceiverForMaskedLM":
         return model, lambda x: (torch.from_numpy(x["token_ids"].astype("int64")), torch.from_numpy(x["input_mask"].astype("int64")))
     # channels-last images (B, H, W, C) and videos (B, T, H, W, C) -> transformers' channels-first

@@ -184,3 +184,7 @@ def fetch_checkpoint(repo, into, revision="main", filename=None, progress=None):
         return into
     except FileNotFoundError:
         raise CheckpointFetchError(f"{remote.tried[-1]} does not exist (tried {', '.join(remote.tried)})") from None
+    except (OSError, ValueError, KeyError, struct.error) as error:  # a dropped connection, a file not as named
+        raise CheckpointFetchError(
+            f"reading {remote.tried[-1]} failed ({type(error).__name__}: {error}); tried {', '.join(remote.tried)}"
+        ) from None

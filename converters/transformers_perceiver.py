@@ -65,9 +65,11 @@ def transformers_config(config, class_name):
 
     from keras_perceiver.presets import model_classes
 
-    if class_name not in OUR_CLASSES or class_name == "PerceiverForMultimodalAutoencoding":
-        raise ValueError(f"class_name must be one of {SUPPORTED[:-1]}; received {class_name!r}")
+    if class_name not in OUR_CLASSES:
+        raise ValueError(f"class_name must be one of {SUPPORTED}; received {class_name!r}")
     typed = model_classes()[OUR_CLASSES[class_name]].config_class(**config)
+    if class_name == "PerceiverForMultimodalAutoencoding":
+        return _multimodal_transformers_config(typed)
     adapter = typed.input_adapter
     config = dataclasses.asdict(typed)
     kwargs = {}
@@ -214,6 +216,37 @@ def _multimodal_config(hf_model, config):
         decoder_v_channels=attention.v_channels,
     )
     return config
+
+
+# what transformers' multimodal autoencoder fixes in its code rather than its config
+MULTIMODAL_FIXED = dict(image_patch_size=4, image_num_bands=32, audio_num_bands=192, input_padding=4, query_padding=2,
+                        decoder_num_heads=1, decoder_widening_factor=1)
+
+
+def _multimodal_transformers_config(typed):
+    """The inverse of `_multimodal_config`, for `transformers_config`."""
+    import transformers
+
+    config = dataclasses.asdict(typed)
+    fixed = {k: (v, config[k]) for k, v in MULTIMODAL_FIXED.items() if config[k] != v}
+    frames, height, width, channels = config["image_shape"]
+    resolution = config["image_max_resolution"]
+    if resolution[0] != frames or resolution[1] != resolution[2]:
+        fixed["image_max_resolution"] = ([frames, resolution[1], resolution[1]], resolution)
+    if fixed:
+        raise ValueError(
+            "PerceiverForMultimodalAutoencoding fixes these in its code: "
+            + "; ".join(f"expected {k}={want!r}, received {got!r}" for k, (want, got) in fixed.items())
+        )
+    kwargs = {theirs: config[ours] for ours, theirs in ENCODER_FIELDS}
+    kwargs.update(
+        hidden_act={ours: theirs for theirs, ours in ACTIVATIONS.items()}[config["activation"]],
+        num_frames=frames, audio_samples_per_frame=config["audio_samples"] // frames,
+        samples_per_patch=config["audio_samples_per_patch"], image_size=resolution[1],
+        output_shape=[1, frames, height, width], output_num_channels=config["decoder_channels"],
+        num_labels=config["num_labels"], _label_trainable_num_channels=config["label_query_channels"],
+    )
+    return transformers.PerceiverConfig(**kwargs)
 
 
 def _multimodal_weights(sd):

@@ -132,7 +132,10 @@ def read_data(data, model):
     if path.is_dir():
         return _images_from_directory(path, model)
     try:
-        with np.load(path, allow_pickle=False) as arrays:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError(f"data: expected an .npz file with x and y, or an image folder; received the array file {str(path)!r}")
+        with loaded as arrays:
             missing = [key for key in ("x", "y") if key not in arrays.files]
             if missing:
                 raise ValueError(f"data: {str(path)!r} must hold arrays 'x' and 'y'; missing {missing} (holds {arrays.files})")
@@ -144,6 +147,8 @@ def read_data(data, model):
 def check_arrays(x, y, model, classifier):
     """Refuse data that cannot train `model` before any step runs."""
     x, y = np.asarray(x), np.asarray(y)
+    if x.ndim == 0 or y.ndim == 0:
+        raise ValueError(f"data: x and y must be arrays of examples; received shapes {x.shape} and {y.shape}")
     if len(x) == 0:
         raise ValueError(f"data: expected at least one example; received x of shape {x.shape}")
     if len(x) != len(y):
@@ -158,12 +163,12 @@ def check_arrays(x, y, model, classifier):
             np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y))
         )):
             raise ValueError(f"data: y must be integer class labels of shape (N,); received {y.dtype} of shape {y.shape}")
-        y = y.astype("int32")
-        if y.min() < 0 or y.max() >= num_classes:
+        if y.min() < 0 or y.max() >= num_classes:  # before the cast: int64 labels past 2**31 would wrap
             raise ValueError(
                 f"data: labels must lie in [0, {num_classes}) (num_classes={num_classes}); "
                 f"received labels from {y.min()} to {y.max()}"
             )
+        y = y.astype("int32")
     if np.issubdtype(x.dtype, np.floating):
         x = x.astype("float32")  # float64 arrays would be cast on every step
     return x, y
@@ -257,12 +262,17 @@ def _claim_backup(directory, fingerprint):
             )
         return
     if directory.exists():
-        raise ValueError(f"finetune: {str(directory)!r} exists and is not a finetune backup; expected a new path")
+        if {p.name for p in directory.iterdir()} - {"finetune.json.staging"}:
+            raise ValueError(f"finetune: {str(directory)!r} exists and is not a finetune backup; expected a new path")
+        shutil.rmtree(directory)  # a run killed before it recorded itself
     directory.mkdir(parents=True)
-    record.write_text(json.dumps(fingerprint))
+    staged = directory / "finetune.json.staging"
+    staged.write_text(json.dumps(fingerprint))
+    os.replace(staged, record)  # whole or absent
 
 
-def _fingerprint(preset, arrays, epochs, batch_size, learning_rate, num_classes, freeze, dtype, validation_split, seed):
+def _fingerprint(preset, arrays, epochs, batch_size, learning_rate, num_classes, freeze, dtype, validation_split, seed,
+                 loss=None, metrics=None):
     """What a resumed run must share with the one that wrote the backup."""
     if arrays is None:
         data = None
@@ -276,8 +286,19 @@ def _fingerprint(preset, arrays, epochs, batch_size, learning_rate, num_classes,
     return {
         "preset": str(preset), "data_sha256": data, "epochs": epochs, "batch_size": batch_size,
         "learning_rate": learning_rate, "num_classes": num_classes, "freeze": freeze, "dtype": dtype,
-        "validation_split": validation_split, "seed": seed,
+        "validation_split": validation_split, "seed": seed, "loss": _described(loss),
+        "metrics": [_described(m) for m in metrics] if isinstance(metrics, (list, tuple)) else _described(metrics),
     }
+
+
+def _described(value):
+    """A loss or metric as the fingerprint compares it: a name, or a class and its config
+    (never a repr with a memory address, which differs between runs)."""
+    if value is None or isinstance(value, str):
+        return value
+    if hasattr(value, "get_config"):
+        return [type(value).__name__, json.loads(json.dumps(value.get_config(), default=str))]
+    return getattr(value, "__qualname__", type(value).__name__)
 
 
 # ------------------------------------------------------------------------ finetune
@@ -331,8 +352,10 @@ def finetune(
         raise ValueError("finetune: expected `data` or `x` and `y`; received " + ("both" if x is not None else "neither"))
     if x is not None and y is None:
         raise ValueError("finetune: `x` needs its labels `y`; received y=None")
+    given_loss, given_metrics = loss, metrics  # as the caller gave them: what a resumed run must repeat
+    protected = [data] if isinstance(data, (str, os.PathLike)) else []
     if out is not None:
-        out = check_target(out, "finetune", overwrite, presets.is_preset_directory)  # before any training
+        out = check_target(out, "finetune", overwrite, presets.is_preset_directory, sources=protected)  # before any training
     keras.utils.set_random_seed(seed)
 
     distribution = distribution_for(_preset_class(preset), model_parallel)
@@ -349,6 +372,11 @@ def finetune(
         arrays = None
         if isinstance(data, (str, os.PathLike)):
             x, y = read_data(data, model)
+        elif data is not None and not isinstance(data, keras.utils.PyDataset) and not hasattr(data, "cardinality"):
+            raise ValueError(
+                "data: expected a path (.npz or image folder), a tf.data.Dataset or a keras.utils.PyDataset "
+                f"(arrays go in x= and y=); received {type(data).__name__}"
+            )
         if x is not None:
             arrays = check_arrays(x, y, model, classifier)
             train, valid = split(*arrays, validation_split, seed)
@@ -377,7 +405,8 @@ def finetune(
         if out is not None:
             backup = backup_dir(out)
             _claim_backup(backup, _fingerprint(
-                preset, arrays, epochs, batch_size, learning_rate, num_classes, freeze, dtype, validation_split, seed
+                preset, arrays, epochs, batch_size, learning_rate, num_classes, freeze, dtype, validation_split, seed,
+                given_loss, given_metrics,
             ))
             monitor = "val_loss" if "validation_data" in fit_data else "loss"
             keep_best = _KeepBest(monitor, backup)
@@ -393,7 +422,7 @@ def finetune(
         if out is not None:
             if keep_best.weights is not None:
                 model.set_weights(keep_best.weights)
-            presets.save_to_preset(model, out, overwrite=overwrite)
+            presets.save_to_preset(model, out, overwrite=overwrite, protected=protected)
             shutil.rmtree(backup_dir(out))  # only once the preset is safely written
     finally:
         if distribution is not None:

@@ -210,8 +210,10 @@ def cached_original(entry):
     original = entry["original"]
     target = cache_dir() / "presets" / entry["name"]
     restore_aside(target)
+    source = f"hf://{original['hub']}@{original.get('revision', 'main')}"
     if is_preset_directory(target) and (target / WEIGHTS_FILE).is_file():
-        if not _config_differences(entry["config"], _read_json(target / CONFIG_FILE).get("config", {})):
+        same_source = _read_json(target / METADATA_FILE).get("source") == source
+        if same_source and not _config_differences(entry["config"], _read_json(target / CONFIG_FILE).get("config", {})):
             return target
     from keras_perceiver.converters import model_from_hub
     from keras_perceiver.converters.hub import CheckpointFetchError
@@ -237,7 +239,7 @@ def cached_original(entry):
             "nothing was cached"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
-    return save_to_preset(model, target, overwrite=True, source=f"hf://{repo}@{original.get('revision', 'main')}")
+    return save_to_preset(model, target, overwrite=True, source=source)
 
 
 def from_preset(name_or_path, load_weights=True, expected_class=None, **overrides):

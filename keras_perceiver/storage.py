@@ -42,8 +42,8 @@ def check_target(path, what, overwrite, owned, sources=(), marker="metadata.json
       says this project wrote it (ValueError): anything else is the user's. `marker` names
       what marks our writes in the message (a preset's metadata.json, an artefact's sidecar).
     """
-    path = Path(path)
-    resolved = path.expanduser().resolve()
+    path = Path(path).expanduser()
+    resolved = path.resolve()
     cwd = Path.cwd().resolve()
     if resolved == cwd or resolved in cwd.parents:
         raise ValueError(

@@ -459,3 +459,30 @@ def test_the_committed_matrix_and_the_readme_summary_are_generated_from_the_comm
     assert rows in (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert set(rows.splitlines()[2:]) <= set(summary_table(results).splitlines())
     assert all("| 1 |" in row and "small_" not in row for row in rows.splitlines()[2:])
+
+
+def test_the_multimodal_peer_computes_our_function_on_bench_inputs():
+    """The multimodal autoencoder's peer as the bench builds and calls it (dicts of inputs and
+    output points), small, against ours converted from it: the same three outputs."""
+    import torch
+
+    from keras_perceiver.examples import random_inputs
+    from keras_perceiver.presets import model_classes
+
+    entry = subjects.bench_entries()["perceiver_io_multimodal"]
+    small = dict(num_latents=8, latent_channels=32, num_self_attends_per_block=1, num_self_attention_heads=2,
+                 image_shape=[2, 8, 8, 3], image_max_resolution=[2, 8, 8], audio_samples=64, num_labels=5,
+                 label_query_channels=16, decoder_channels=16)
+    config, peer_path = {**entry["config"], **small}, entry["bench"]["peer"]
+    torch.manual_seed(0)
+    peer, to_torch = subjects.build_peer(peer_path, config, entry["bench"]["inputs"])
+    ours = subjects.convert_peer(peer_path, config, peer)
+    limits = model_classes()["PerceiverMultimodalAutoencoder"].config_class(**config).output_point_limits
+    shapes = {"image": [1, 2, 8, 8, 3], "audio": [1, 64, 1], "image_output_points": [1, 16], "audio_output_points": [1, 2]}
+    x = random_inputs(shapes, seed=1, index_limits=limits)
+    with torch.no_grad():
+        expected = peers.peer_call(peer, peer, to_torch(x))().logits
+    got = ours(x)
+    for theirs, mine in (("image", "reconstructed_image"), ("audio", "reconstructed_audio"), ("label", "label_logits")):
+        assert np.abs(expected[theirs].numpy() - keras.ops.convert_to_numpy(got[mine])).max() <= 1e-4
+    assert subjects.bench_inputs("perceiver_io_multimodal", 1)["image_output_points"].max() < 16 * 224 * 224

@@ -191,3 +191,16 @@ def test_any_model_with_its_own_loss_from_arrays_or_a_pydataset(tmp_path):
     assert len(history.history["loss"]) == 2 and kp.from_preset(str(tmp_path / "tuned_from_batches"))
     with pytest.raises(ValueError, match="loss"):
         kp.finetune(str(source), x=media, y=targets, out=tmp_path / "no_loss", verbose=0)
+
+
+def test_data_of_the_wrong_kind_is_refused_before_training(tmp_path, five_digits):
+    x, y = five_digits[0][:20], five_digits[1][:20]
+    with pytest.raises(ValueError, match="labels must lie in \\[0, 10\\).*2147483648"):
+        kp.finetune(PRESET, x=x, y=np.where(np.arange(20) == 3, 2**31, 1).astype("int64"), verbose=0)
+    with pytest.raises(ValueError, match="data: expected a path.*received ndarray"):
+        kp.finetune(PRESET, x, verbose=0)
+    np.save(tmp_path / "x.npy", x)
+    with pytest.raises(ValueError, match="received the array file"):
+        kp.finetune(PRESET, tmp_path / "x.npy", verbose=0)
+    with pytest.raises(ValueError, match="arrays of examples"):
+        kp.finetune(PRESET, x=np.float32(1.0), y=np.int32(1), verbose=0)

@@ -97,6 +97,12 @@ def test_first_use_converts_from_the_local_snapshot_then_reads_only_the_cache(ti
     assert second.name == PRESET
     np.testing.assert_array_equal(_check_outputs(second, reference), first)
 
+    # a cache converted from another source (the entry's original changed) is converted again
+    metadata = json.loads((cached / "metadata.json").read_text())
+    (cached / "metadata.json").write_text(json.dumps(dict(metadata, source="hf://someone/else@main")))
+    with pytest.raises(AssertionError, match="the hub was asked"):
+        kp.from_preset(PRESET)
+
 
 class _LocalHub:
     """A directory served as the hub's file system (`org/name/file` paths), recording which

@@ -88,6 +88,11 @@ class PerceiverMultimodalConfig(EncoderConfig):
     def audio_patches(self):
         return self.audio_samples // self.audio_samples_per_patch
 
+    @property
+    def output_point_limits(self):
+        """{input name: number of points it indexes}."""
+        return {"image_output_points": math.prod(self.image_shape[:3]), "audio_output_points": self.audio_patches}
+
 
 @keras.saving.register_keras_serializable(package="keras_perceiver")
 class PerceiverMultimodalAutoencoder(ConfiguredModel):
@@ -201,11 +206,8 @@ class PerceiverMultimodalAutoencoder(ConfiguredModel):
 
     @property
     def output_point_limits(self):
-        """{input name: number of points it indexes}."""
-        return {
-            "image_output_points": math.prod(self.config.image_shape[:3]),
-            "audio_output_points": self.config.audio_patches,
-        }
+        """{input name: number of points it indexes} (`config.output_point_limits`)."""
+        return self.config.output_point_limits
 
     def check_input_values(self, inputs):
         for name, limit in self.output_point_limits.items():
