@@ -80,9 +80,9 @@ def bench_inputs(name, batch, seed=0):
     entry = bench_entries()[name]
     config = entry["config"]
     shapes = bench_input_shapes(config, entry["bench"]["inputs"], batch)
-    from keras_perceiver.presets import model_classes
+    from keras_perceiver import models
 
-    limits = getattr(model_classes()[entry["class_name"]].config_class(**config), "output_point_limits", None)
+    limits = getattr(getattr(models, entry["class_name"]).config_class(**config), "output_point_limits", None)
     return random_inputs(shapes, seed=seed, vocab_size=config.get("input_adapter", {}).get("vocab_size"), index_limits=limits)
 
 

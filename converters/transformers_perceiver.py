@@ -63,11 +63,11 @@ def transformers_config(config, class_name):
     the head matches `config`. ValueError for a field transformers cannot express."""
     import transformers
 
-    from keras_perceiver.presets import model_classes
+    from keras_perceiver import models
 
     if class_name not in OUR_CLASSES:
         raise ValueError(f"class_name must be one of {SUPPORTED}; received {class_name!r}")
-    typed = model_classes()[OUR_CLASSES[class_name]].config_class(**config)
+    typed = getattr(models, OUR_CLASSES[class_name]).config_class(**config)
     if class_name == "PerceiverForMultimodalAutoencoding":
         return _multimodal_transformers_config(typed)
     adapter = typed.input_adapter
@@ -405,9 +405,9 @@ def load_transformers_model(model_or_path):
 
 def from_transformers(model_or_path):
     """Convert a transformers Perceiver model (instance or directory) to a keras_perceiver model."""
-    from keras_perceiver.presets import model_classes
+    from keras_perceiver import models
 
     hf_model = load_transformers_model(model_or_path)
     class_name, config = config_from_transformers(hf_model)
-    model = model_classes()[class_name](config)
+    model = getattr(models, class_name)(config)
     return assign_by_path(model, weights_from_transformers(hf_model, config))

@@ -35,6 +35,7 @@ __all__ = ["__version__", *_LAZY]
 def __getattr__(name):
     if name not in _LAZY:
         raise AttributeError(f"module 'keras_perceiver' has no attribute {name!r}")
+    importlib.import_module("keras_perceiver.models")  # registers the model classes presets and .keras files name
     module = importlib.import_module(_LAZY[name])
     value = module if _LAZY[name].endswith("." + name) else getattr(module, name)
     globals()[name] = value  # later reads skip __getattr__

@@ -24,6 +24,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+import keras_perceiver.models  # noqa: F401 (registers the classes a preset names)
 from keras_perceiver import presets
 from keras_perceiver.storage import check_target
 

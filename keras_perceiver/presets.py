@@ -9,7 +9,6 @@ checkpoint) holds `config.json`, `model.weights.h5` and `metadata.json`.
 import dataclasses
 import difflib
 import fnmatch
-import importlib
 import json
 import os
 import shutil
@@ -105,15 +104,21 @@ def resolve_preset(name_or_path, downloader=None):
 def model_classes():
     """{class name: class} of the models a preset may hold, read from Keras' serialization
     registry (each model registers itself under the package "keras_perceiver"), so this
-    module names no model. Only these classes are ever built from a preset's files."""
-    importlib.import_module("keras_perceiver.models")  # registers them (`import keras_perceiver` is lazy)
+    module imports no model (they register when `keras_perceiver.models` is imported, which
+    `keras_perceiver.<any name>` does). Only these classes are ever built from a preset's files."""
     prefix = "keras_perceiver>"
-    return {
+    classes = {
         name[len(prefix):]: obj
         for name, obj in keras.saving.get_custom_objects().items()
         if name.startswith(prefix) and isinstance(obj, type) and issubclass(obj, keras.Model)
         and getattr(obj, "config_class", None) is not None
     }
+    if not classes:
+        raise ImportError(
+            "no keras_perceiver model class is registered: use keras_perceiver.from_preset (or import "
+            "keras_perceiver.models) before keras_perceiver.presets' functions"
+        )
+    return classes
 
 
 def _model_class(class_name, expected_class=None):
