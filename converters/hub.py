@@ -122,8 +122,7 @@ def _local_snapshot(repo, revision, filename=None):
     """The local Hugging Face cache's snapshot directory holding everything the converter of
     `repo` reads, or None when a file is missing there."""
     if filename is not None:
-        found = _in_local_cache(repo, filename, revision)
-        return found if found is not None else None
+        return _in_local_cache(repo, filename, revision)
     config = _in_local_cache(repo, "config.json", revision)
     if config is None:
         return None

@@ -35,19 +35,6 @@ HEAD_LAYER = "logits"  # the Perceiver classifier's head
 
 
 # ------------------------------------------------------------------------ the model
-def _preset_class(preset):
-    """The model class a preset holds, read without building it."""
-    kind, source = presets.resolve_preset(preset)
-    if kind == "zoo":
-        class_name = source["class_name"]
-    else:
-        class_name = json.loads((source / presets.CONFIG_FILE).read_text())["class_name"]
-    classes = presets.model_classes()
-    if class_name not in classes:
-        raise ValueError(f"preset class must be one of {sorted(classes)}; received {class_name!r}")
-    return classes[class_name]
-
-
 def is_classifier(model):
     """A Perceiver classifier: trained on integer labels with its 'logits' head."""
     from keras_perceiver.models import Perceiver
@@ -359,7 +346,7 @@ def finetune(
         out = check_target(out, "finetune", overwrite, presets.is_preset_directory, sources=protected)  # before any training
     keras.utils.set_random_seed(seed)
 
-    distribution = distribution_for(_preset_class(preset), model_parallel)
+    distribution = distribution_for(presets.preset_class(preset), model_parallel)
     previous = keras.distribution.distribution()
     if distribution is not None:
         keras.distribution.set_distribution(distribution)

@@ -121,6 +121,14 @@ def model_classes():
     return classes
 
 
+def preset_class(name_or_path):
+    """The model class a preset holds (a zoo name or a preset directory), without building it."""
+    kind, source = resolve_preset(name_or_path)
+    if kind == "zoo":
+        return _model_class(source["class_name"])
+    return _model_class(_read_json(source / CONFIG_FILE, required=("class_name",))["class_name"])
+
+
 def _model_class(class_name, expected_class=None):
     classes = model_classes()
     if class_name not in classes:
