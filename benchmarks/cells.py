@@ -22,17 +22,17 @@ from keras_perceiver.timing import timed_runs
 PAIR_BLOCK_S = 0.5  # how long each side of a paired round runs back to back
 
 
-def alternated_runs(fn, other, repeats, block_s=PAIR_BLOCK_S):
-    """`repeats` rounds of `fn` then `other`, each side timed over a block of back-to-back calls
-    lasting about `block_s` (a single call where one takes longer): both lists of per-call times,
-    one a round (the block's mean). Both run under the same machine state, so their ratio is free
+def alternated_runs(calls, repeats, block_s=PAIR_BLOCK_S):
+    """`repeats` rounds of each of `calls` in turn, each timed over a block of back-to-back calls
+    lasting about `block_s` (a single call where one takes longer): a list of per-call times per
+    call, one a round (the block's mean). All run under the same machine state, so their ratios are free
     of the drift between cells timed minutes apart (up to 2x on the 2-core machines here). Blocks,
     not single calls: a millisecond call right after the other runtime's finds its threads parked
     and its caches cold, and ran 2-4x slower that way here, so each block starts with an untimed call."""
-    counts = [max(1, round(block_s / timed_runs(f, 1)[0])) for f in (fn, other)]
-    times = ([], [])
+    counts = [max(1, round(block_s / timed_runs(f, 1)[0])) for f in calls]
+    times = [[] for _ in calls]
     for _ in range(repeats):
-        for f, count, durations in zip((fn, other), counts, times):
+        for f, count, durations in zip(calls, counts, times):
             if count > 1:
                 f()
             start = time.perf_counter()
@@ -42,15 +42,20 @@ def alternated_runs(fn, other, repeats, block_s=PAIR_BLOCK_S):
     return times
 
 
-def _measured(fn, name, batch, repeats, paired):
+def _measured(fn, name, batch, repeats, paired, reduced=False):
     """Durations of `fn`, and the cell fields of the float32 peer timed in alternation with it
-    (`paired` and a peer exists; else no fields)."""
+    (`paired` and a peer exists; else no fields); a `reduced`-precision cell alternates with the
+    peer under its own bfloat16 autocast too (`paired_peer_autocast_ms`)."""
     peer = paired_peer_call(name, batch) if paired else None
     if peer is None:
         return timed_runs(fn, repeats), {}
-    times, peer_times = alternated_runs(fn, peer, repeats)
-    return times, dict(paired_peer=paired_peer_name(name), paired_peer_ms=1000 * statistics.median(peer_times),
-                       paired_peer_spread_ms=1000 * (max(peer_times) - min(peer_times)))
+    calls = [fn, peer] + ([paired_peer_call(name, batch, autocast="bfloat16")] if reduced else [])
+    times, peer_times, *autocast_times = alternated_runs(calls, repeats)
+    fields = dict(paired_peer=paired_peer_name(name), paired_peer_ms=1000 * statistics.median(peer_times),
+                  paired_peer_spread_ms=1000 * (max(peer_times) - min(peer_times)))
+    if autocast_times:
+        fields["paired_peer_autocast_ms"] = 1000 * statistics.median(autocast_times[0])
+    return times, fields
 
 
 def compiled_forward(model):
@@ -131,7 +136,7 @@ def run_cells(presets, batches, repeats, modes, peaks, dtypes=("float32",), acce
                         start = time.perf_counter()
                         output = outputs_to_numpy(fn())
                         compile_s = time.perf_counter() - start if mode == "compiled" else 0.0
-                        times, extra = _measured(fn, name, batch, repeats, paired and not accelerated)
+                        times, extra = _measured(fn, name, batch, repeats, paired and not accelerated, dtype != "float32")
                     extra.update(dtype=dtype, peak_device_mb=device_peak_memory_mb())
                     if dtype == "float32":
                         expected.setdefault(batch, output)
@@ -161,11 +166,17 @@ def _cell(preset, backend, mode, batch, times, compile_s, flops, peak, **extra):
         preset=preset, backend=backend, mode=mode, batch=batch, median_ms=1000 * median,
         spread_ms=1000 * (max(times) - min(times)), throughput_per_s=batch / median, compile_s=compile_s,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        gflop=flops / 1e9, achieved_gflops=flops / median / 1e9, fraction_of_peak=flops / median / 1e9 / peak,
+        gflop=flops / 1e9, achieved_gflops=flops / median / 1e9,
+        fraction_of_peak=flops / median / 1e9 / peak if peak else None,
         peak_gflops=peak, **extra,
     )
     print(json.dumps(cell), file=sys.stderr, flush=True)
     return cell
+
+# Quantizations timed against the peer's bfloat16 autocast too, and the GEMM peak their cells are
+# measured against (float32's unless named: no int8 peak is measured, the report shows none).
+REDUCED = ("bfloat16", "int8", "dynamic_int8", "float16")
+PEAK_OF = {"bfloat16": "bfloat16"}
 
 # A bench target option that is not a quantization: the file traced at the bench inputs'
 # shapes, every axis fixed (the torch.export routes, ONNX and CoreML: no shape arithmetic left
@@ -202,7 +213,7 @@ def run_artefacts(presets, targets, batches, repeats, peaks, paired=False, gpu_p
             static = option == STATIC
             quantize = None if static or not option else option
             mode = target + (f" {option}" if option else "")
-            cell_peak = peaks["bfloat16" if quantize == "bfloat16" else "float32"]
+            cell_peak = peaks.get(PEAK_OF.get(quantize, "float32"))
             if target == "coreml":
                 cell_peak = max(cell_peak, gpu_peak or 0)
             with tempfile.TemporaryDirectory() as work:
@@ -224,7 +235,7 @@ def run_artefacts(presets, targets, batches, repeats, peaks, paired=False, gpu_p
                             break
                         export_s = time.perf_counter() - start
                     run = artefact_runner(target, str(path), quantize)
-                    times, extra = _measured(lambda: run(inputs), name, batch, repeats, paired)
+                    times, extra = _measured(lambda: run(inputs), name, batch, repeats, paired, quantize in REDUCED)
                     cells.append(_cell(name, "artefact", mode, batch, times, export_s, flops[batch], cell_peak,
                                        max_rel_error=report.max_rel_error, **extra))
         del model

@@ -12,9 +12,12 @@ from keras_perceiver.timing import timed
 _PAIRED_PEERS = {}  # bench name -> peer_model(name), built once per process for paired timing
 
 
-def paired_peer_call(name, batch):
+def paired_peer_call(name, batch, autocast=None):
     """The float32 peer of `name` on the CPU as a no-argument call on the bench inputs of
-    `batch` (what `run_peers` times), or None where there is no peer."""
+    `batch` (what `run_peers` times), or None where there is no peer; with `autocast`
+    ("bfloat16"), run under `torch.autocast` in that dtype, as a PyTorch user runs it in bf16."""
+    import contextlib
+
     import torch
 
     if name not in _PAIRED_PEERS:
@@ -25,7 +28,8 @@ def paired_peer_call(name, batch):
     forward = peer_call(model, model, to_torch(bench_inputs(name, batch)))
 
     def call():
-        with torch.no_grad():
+        cast = torch.autocast("cpu", dtype=getattr(torch, autocast)) if autocast else contextlib.nullcontext()
+        with torch.no_grad(), cast:
             return forward()
 
     return call

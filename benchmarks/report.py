@@ -76,8 +76,8 @@ def summary(results):
             best[key[:4]] = (ratio, key[4], measured)
     lines = [
         "| machine | preset | batch | precision | our best route | runs | ms (median of the runs) | % of GEMM peak "
-        "| peer | peer time / our time | timed against the peer | error / output range |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peer | peer time / our time | timed against the peer | peer bf16 autocast / our time | error / output range |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for group in sorted(best, key=lambda g: (g[0], g[1], g[2], g[3] != "float32", g[3])):
         machine, preset, batch, precision = group
@@ -86,12 +86,35 @@ def summary(results):
         # int8 has no measured peak of its own; against the float32 one it reads over 100%
         peak = "-" if precision == "int8" else _span([100 * c["fraction_of_peak"] for c in cells], 0, "%")
         errors = [c["max_rel_error"] for c in cells if "max_rel_error" in c]
+        autocast = [c["paired_peer_autocast_ms"] / c["median_ms"] for c in cells if "paired_peer_autocast_ms" in c]
         lines.append(
             f"| {machine} | {preset} | {batch} | {precision} | {route} | {len(cells)} | "
             f"{_ms(statistics.median(c['median_ms'] for c in cells))} | {peak} | "
             f"{', '.join(sorted({m[2] for m in measured}))} | {_span([m[0] for m in measured], 2, 'x')} | "
-            f"{', '.join(how for how in TIMED_AGAINST_PEER if how in {m[1] for m in measured})} | {f'{max(errors):.1e}' if errors else '-'} |"
+            f"{', '.join(how for how in TIMED_AGAINST_PEER if how in {m[1] for m in measured})} | "
+            f"{_span(autocast, 2, 'x') if autocast else '-'} | {f'{max(errors):.1e}' if errors else '-'} |"
         )
+    return "\n".join(lines)
+
+
+def fastest_routes(results):
+    """Plain text: per machine, preset and batch, our fastest route in each precision (median ms
+    and the error it costs), the recommendation `keras-perceiver bench` prints after a run."""
+    best = {}
+    for data in results:
+        for run_ in data["runs"]:
+            machine = _machine(run_["device"])
+            for c in run_["cells"]:
+                key = (machine, c["preset"], c["batch"], _precision(c))
+                if key not in best or c["median_ms"] < best[key]["median_ms"]:
+                    best[key] = c
+    lines = []
+    for key in sorted(best, key=lambda k: (k[0], k[1], k[2], k[3] != "float32", k[3])):
+        machine, preset, batch, precision = key
+        c = best[key]
+        error = f", error {c['max_rel_error']:.1e} of the output range" if "max_rel_error" in c else ""
+        lines.append(f"{machine}: {preset} batch {batch}, {precision}: use {c['backend']} {c['mode']} "
+                     f"({_ms(c['median_ms'])} ms{error})")
     return "\n".join(lines)
 
 

@@ -36,7 +36,7 @@ ROUTES = {
     "saved_model": ("tensorflow", "keras export (tf_saved_model)", "tf.saved_model"),
     "tflite": ("tensorflow", "SavedModel -> TFLiteConverter (builtin ops)", "LiteRT interpreter"),
     "onnx": ("torch", "torch.export -> torch.onnx (dynamo)", "onnxruntime"),
-    "openvino": ("tensorflow", "SavedModel -> openvino.convert_model -> Einsum as MatMul", "OpenVINO CPU (f32; bf16 with quantize='bfloat16')"),
+    "openvino": ("tensorflow", "SavedModel -> openvino.convert_model -> Einsum as MatMul", "OpenVINO CPU (f32; bf16 with quantize='bfloat16'; int8 products with quantize='int8')"),
     "coreml": ("torch", "torch.export -> run_decompositions -> coremltools mlprogram", "CoreML (macOS only)"),
 }
 SUFFIXES = {"saved_model": "", "tflite": ".tflite", "onnx": ".onnx", "openvino": ".xml", "coreml": ".mlpackage"}
@@ -50,10 +50,15 @@ REQUIREMENTS = {
 }
 # openvino "bfloat16": the same float32 IR, executed with INFERENCE_PRECISION_HINT=bf16 (CPUs
 # with AVX512-BF16 or AMX, where it is also OpenVINO's default); verified and timed that way.
-QUANTIZE = {"tflite": ("dynamic_int8", "float16"), "onnx": ("dynamic_int8",), "openvino": ("bfloat16",)}
+# openvino "int8": static post-training quantization with NNCF (activation ranges calibrated on
+# `calibration_data`, by default the model's own example inputs), the products in int8 (VNNI /
+# AMX), the rest in bf16 where the CPU has it.
+QUANTIZE = {"tflite": ("dynamic_int8", "float16"), "onnx": ("dynamic_int8",), "openvino": ("bfloat16", "int8")}
+QUANTIZE_REQUIREMENTS = {"int8": ["nncf"]}  # modules a quantization needs beyond its target's
+CALIBRATION_EXAMPLES = 8  # default calibration: this many example inputs of the export's shapes
 # Bounds on a quantized artefact's max_rel_error (max abs error / max |Keras output|), unless
 # the preset's zoo file sets its own under "quantized_error_bounds". Measured values: README.
-QUANTIZED_ERROR_BOUNDS = {"float16": 0.005, "bfloat16": 0.05, "dynamic_int8": 0.15}
+QUANTIZED_ERROR_BOUNDS = {"float16": 0.005, "bfloat16": 0.05, "dynamic_int8": 0.15, "int8": 0.08}
 FLOAT32_TOLERANCE = 1e-4
 COREML_MAX_OPEN_SIZE = 8192  # upper bound of a CoreML RangeDim where the model sets none
 METADATA_SUFFIX = ".keras-perceiver.json"
@@ -161,12 +166,34 @@ def _no_weights_message(kind, source):
     )
 
 
-def _check_requirements(target):
-    missing = [m for m in REQUIREMENTS[target] if importlib.util.find_spec(m) is None]
+def _check_requirements(target, quantize=None):
+    needed = REQUIREMENTS[target] + QUANTIZE_REQUIREMENTS.get(quantize, [])
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
         raise ImportError(
-            f"export to {target!r} needs {missing}: pip install 'keras-perceiver[export]'"
+            f"export to {target!r}{f' ({quantize})' if quantize else ''} needs {missing}: pip install 'keras-perceiver[export]'"
         )
+
+
+def calibration_problem(calibration_data, quantize):
+    """None when `calibration_data` suits `quantize`, else the reason: it is a dict {input
+    name: array with a leading example axis} or one such array (for the model's primary
+    input), and only quantize="int8" takes it."""
+    import numpy as np
+
+    if calibration_data is None:
+        return None
+    if quantize != "int8":
+        return f"export: `calibration_data` applies to quantize='int8' only; received it with quantize={quantize!r}"
+    arrays = calibration_data if isinstance(calibration_data, dict) else {None: calibration_data}
+    for name, value in arrays.items():
+        if not isinstance(value, np.ndarray) or value.ndim < 1 or len(value) == 0:
+            said = type(value).__name__ if not isinstance(value, np.ndarray) else f"an array of shape {value.shape}"
+            return (f"export: `calibration_data`{f'[{name!r}]' if name else ''} must be a NumPy array with at least one "
+                    f"example on its first axis; received {said}")
+    if len({len(v) for v in arrays.values()}) != 1:
+        return f"export: `calibration_data` arrays must hold as many examples each; received {[len(v) for v in arrays.values()]}"
+    return None
 
 
 def metadata_path(path):
@@ -308,7 +335,7 @@ def _worker_error(done, error_file, context):
 
 def export(
     model_or_preset, target, path, input_shapes=None, dynamic=True, quantize=None, verify=True, overwrite=False,
-    random_weights=False, progress=True,
+    random_weights=False, progress=True, calibration_data=None,
 ):
     """Convert `model_or_preset` (a keras_perceiver model, a preset name or directory) to
     `target` at `path`, verify it in its runtime, and return an ExportReport.
@@ -320,6 +347,9 @@ def export(
     check a second, different size;
     quantize: None, or one of QUANTIZE[target]; the artefact's error relative to the output
     range must then stay within the preset's documented bound (`quantized_error_bound`);
+    calibration_data: for quantize="int8", the inputs whose activation ranges set the int8
+    scales: {input name: array, examples first} or one array for the primary input (default:
+    CALIBRATION_EXAMPLES random example inputs; real data gives tighter ranges);
     overwrite: replace an existing `path` (and its companions: OpenVINO's .bin, the metadata
     file), only when keras_perceiver wrote it (its metadata file says so): a user's file or
     directory, the current directory and the preset being exported are never replaced;
@@ -350,7 +380,10 @@ def export(
             f"export: `quantize` for {target!r} must be one of {list(QUANTIZE.get(target, ()))} or None; "
             f"received {quantize!r}"
         )
-    _check_requirements(target)
+    problem = calibration_problem(calibration_data, quantize)
+    if problem:
+        raise ValueError(problem)
+    _check_requirements(target, quantize)
     model_or_preset = with_original_weights(model_or_preset, random_weights)
     from_path = isinstance(model_or_preset, (str, os.PathLike))
     problem = weights_problem(model_or_preset, random_weights)
@@ -380,13 +413,20 @@ def export(
         # an ONNX file is staged under its final name: its external data (over 2 GB) is named
         # after it, and the .onnx refers to that name; the other tools want their suffix
         (staging / "artefact").mkdir()
+        calibration = None
+        if calibration_data is not None:
+            import numpy as np
+
+            calibration = str(staging / "calibration.npz")
+            arrays = calibration_data if isinstance(calibration_data, dict) else {"": calibration_data}
+            np.savez(calibration, **arrays)  # "" stands for the primary input
         out = staging / "artefact" / (path.name if target == "onnx" else "artefact" + SUFFIXES[target])
         job = dict(
             source, target=target, out=str(out), shapes=input_shapes, dynamic=dynamic, quantize=quantize,
             verify=verify, random_weights=bool(random_weights), report=str(staging / "report.json"),
             error=str(staging / "error.json"), work=str(staging / "work"),
             error_bound=quantized_error_bound(model_or_preset, quantize) if quantize else FLOAT32_TOLERANCE,
-            progress=bool(progress),
+            progress=bool(progress), calibration=calibration,
         )
         done = run_under_backend(
             "keras_perceiver.converters.artefacts", [json.dumps(job)], backend, capture=True,
@@ -521,16 +561,76 @@ def _convert(model, job, work):
         _saved_model(model, saved)
         converted = ov.convert_model(saved)
         _einsums_as_matmuls(converted)
+        if job["quantize"] == "int8":
+            converted = _int8_quantized(converted, model, job)
         set_openvino_precision(converted, openvino_precision(job["quantize"]))
         ov.save_model(converted, out, compress_to_fp16=False)
     elif target == "coreml":
         return _coreml(model, job)
 
 
+def _calibration_samples(model, job):
+    """The int8 calibration inputs, one example each: the rows of job["calibration"], else
+    CALIBRATION_EXAMPLES example inputs at the export's first input shapes, batch 1."""
+    import numpy as np
+
+    from keras_perceiver.examples import example_inputs
+
+    if job.get("calibration"):
+        with np.load(job["calibration"]) as stored:
+            arrays = {(name or model.primary_input): stored[name] for name in stored.files}
+        unknown = sorted(set(arrays) - set(model.named_inputs))
+        if unknown:
+            raise ValueError(f"export: `calibration_data` names inputs among {list(model.named_inputs)}; received {unknown}")
+        for name, value in arrays.items():
+            if np.issubdtype(value.dtype, np.floating):  # float64 data to the input's own dtype
+                arrays[name] = value.astype(model.named_inputs[name].dtype)
+        count = len(next(iter(arrays.values())))
+        try:
+            return [model.standardize_inputs({n: v[i:i + 1] for n, v in arrays.items()}) for i in range(count)]
+        except ValueError as error:
+            raise ValueError(f"export: `calibration_data`: {error}") from None
+    first = _sizes(model, job)[0]
+    shapes = {name: (1, *value.shape[1:]) for name, value in first.items()}
+    return [example_inputs(model, shapes=shapes, seed=100 + i) for i in range(CALIBRATION_EXAMPLES)]
+
+
+def _calibration_checks(model, job):
+    """Input sets an int8 file calibrated on given data is verified on: batches of its own
+    calibration examples (random example inputs can lie far outside the calibrated ranges:
+    pixels in [0, 1] against normal noise)."""
+    import numpy as np
+
+    samples = _calibration_samples(model, job)
+    groups = [samples[:2], samples[2:5]] if len(samples) >= 5 else [samples]
+    return [{name: np.concatenate([s[name] for s in group]) for name in group[0]} for group in groups]
+
+
+def _int8_quantized(converted, model, job):
+    """The OpenVINO model with NNCF's static post-training int8 quantization (transformer
+    preset: products quantized, softmax / norms left in floating point)."""
+    import nncf
+    import numpy as np
+
+    samples = _calibration_samples(model, job)
+    names = [port.get_any_name() for port in converted.inputs]
+    _progress(job, f"calibrating int8 on {len(samples)} examples...")
+
+    def feed(sample):
+        return {name: np.asarray(sample[name]) for name in names if name in sample}
+
+    # no SmoothQuant: its scales made perceiver_digits' file wrong beyond the first ~64 examples
+    # of a batch (98% held-out accuracy at batch 64, 24% at batch 450; NNCF 3.4, OpenVINO 2026.4)
+    advanced = nncf.AdvancedQuantizationParameters(
+        smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(convolution=-1, matmul=-1))
+    return nncf.quantize(converted, nncf.Dataset(samples, feed), model_type=nncf.ModelType.TRANSFORMER,
+                         subset_size=len(samples), advanced_parameters=advanced)
+
+
 def openvino_precision(quantize):
     """The CPU inference precision an OpenVINO artefact is verified in: "bf16" for
-    quantize="bfloat16", else "f32"."""
-    return "bf16" if quantize == "bfloat16" else "f32"
+    quantize="bfloat16", and for the non-int8 part of an "int8" file; else "f32"."""
+    return "bf16" if quantize in ("bfloat16", "int8") else "f32"
 
 
 def set_openvino_precision(model, precision):
@@ -827,9 +927,14 @@ def worker(job):
         if target == "openvino":
             condition = openvino_runtime_condition(job["out"], openvino_precision(job["quantize"]))
             extra["openvino"], runtime_config = condition, condition["compile_config"]
-            if job["quantize"] == "bfloat16":
+            if job["quantize"] == "int8":
                 notes = (notes + "; " if notes else "") + (
-                    "float32 IR run with INFERENCE_PRECISION_HINT=bf16" if condition["verified_precision"] == "bf16"
+                    "NNCF static int8 products, calibrated on " + ("the given data" if job.get("calibration") else
+                                                                    f"{CALIBRATION_EXAMPLES} random example inputs"))
+            if job["quantize"] in ("bfloat16", "int8"):
+                notes = (notes + "; " if notes else "") + (
+                    ("the rest" if job["quantize"] == "int8" else "float32 IR") + " run with INFERENCE_PRECISION_HINT=bf16"
+                    if condition["verified_precision"] == "bf16"
                     else "this CPU has no bf16: OpenVINO ran it in f32"
                 )
             notes = (notes + "; " if notes else "") + condition["condition"]
@@ -865,7 +970,7 @@ def worker(job):
                 _progress(job, f"verifying in {ROUTES[target][2]}...")
                 run = artefact_runner(target, job["out"], job["quantize"])
                 sets = []
-                for inputs in _sizes(model, job):
+                for inputs in _calibration_checks(model, job) if job.get("calibration") else _sizes(model, job):
                     expected = outputs_to_numpy(model(inputs))
                     sets.append((expected, select_outputs(run(inputs), output_keys(model), target), inputs))
                 latency = 1000 * float(np.median(timed_runs(lambda: run(sets[0][2]), 10)))
@@ -922,11 +1027,11 @@ def _worker_main(job):
 
 
 def export_all(model_or_preset, targets, directory, quantize=None, overwrite=False, random_weights=False,
-               progress=True):
+               progress=True, calibration_data=None):
     """Export to each target into `directory` (named after the preset). `quantize` must apply
     to every target (ValueError naming the valid values per target otherwise); `progress`:
-    each target's steps on stderr, as in `export`. Returns the reports."""
-    problem = quantize_problem(targets, quantize)
+    each target's steps on stderr, and `calibration_data`, as in `export`. Returns the reports."""
+    problem = quantize_problem(targets, quantize) or calibration_problem(calibration_data, quantize)
     if problem:
         raise ValueError(problem)
     name = Path(str(model_or_preset)).name if isinstance(model_or_preset, (str, os.PathLike)) else model_or_preset.name
@@ -938,7 +1043,7 @@ def export_all(model_or_preset, targets, directory, quantize=None, overwrite=Fal
     for target in targets:
         path = Path(directory) / (name + (f"_{quantize}" if quantize else "") + SUFFIXES[target])
         reports.append(export(model_or_preset, target, path, quantize=quantize, overwrite=overwrite,
-                              random_weights=random_weights, progress=progress))
+                              random_weights=random_weights, progress=progress, calibration_data=calibration_data))
     return reports
 
 

@@ -10,7 +10,7 @@ import pytest
 import keras_perceiver as kp
 from keras_perceiver.benchmarks import cells, devices, peers, run, subjects
 from keras_perceiver.benchmarks.cells import run_artefacts
-from keras_perceiver.benchmarks.report import headline, report, summary as summary_table
+from keras_perceiver.benchmarks.report import fastest_routes, headline, report, summary as summary_table
 from keras_perceiver.examples import build_small, example_inputs
 
 
@@ -378,7 +378,7 @@ def test_alternated_runs_time_both_calls_in_turns():
     order = []
     ours, peer = (lambda: order.append("ours")), (lambda: order.append("peer"))
     # calls longer than the block: one call a side per round, after a warm-up and a timed call each
-    times, other_times = cells.alternated_runs(ours, peer, 3, block_s=0.0)
+    times, other_times = cells.alternated_runs([ours, peer], 3, block_s=0.0)
     assert order == ["ours"] * 2 + ["peer"] * 2 + ["ours", "peer"] * 3
     assert len(times) == len(other_times) == 3
 
@@ -390,7 +390,7 @@ def test_alternated_runs_time_both_calls_in_turns():
 
     order.clear()
     # short calls: each round runs a block of about block_s back to back, after an untimed call
-    times, other_times = cells.alternated_runs(sleeper("ours", 0.01), sleeper("peer", 0.02), 2, block_s=0.1)
+    times, other_times = cells.alternated_runs([sleeper("ours", 0.01), sleeper("peer", 0.02)], 2, block_s=0.1)
     rounds = order[4:]
     ours_block, peer_block = rounds.index("peer"), len(rounds) // 2 - rounds.index("peer")
     assert rounds == (["ours"] * ours_block + ["peer"] * peer_block) * 2
@@ -437,11 +437,29 @@ def test_summary_keeps_per_precision_the_route_with_the_best_median_ratio_and_it
     # compiled: 30 / 20 (the fastest peer of its run) and 45 / 15 in the rounds, median 2.25; eager: 30 / 25 in its
     # run and 30 / 10 against a peer of another run on the same machine, median 1.85: compiled is kept
     assert float32 == ("| cpu x2 | p | 1 | float32 | jax compiled | 2 | 17.5 | 50-67% | ref | 1.50-3.00x "
-                       "| in alternation, same run | - |")
+                       "| in alternation, same run | - | - |")
     # int8 against the float32 peer; no % of a peak (none is measured in int8)
-    assert int8 == "| cpu x2 | p | 1 | int8 | jax onnx dynamic_int8 | 1 | 10.0 | - | ref | 3.00x | same run | 2.0e-02 |"
+    assert int8 == "| cpu x2 | p | 1 | int8 | jax onnx dynamic_int8 | 1 | 10.0 | - | ref | 3.00x | same run | - | 2.0e-02 |"
     # a cell with no peer on its machine has no ratio and no row
     assert _summary_rows(([_synthetic_cell("compiled", 20.0)], [])) == []
+    # a reduced-precision cell timed against the peer's bfloat16 autocast too says by how much
+    bf16 = _synthetic_cell("openvino bfloat16", 10.0, max_rel_error=0.01, paired_peer="ref", paired_peer_ms=40.0,
+                           paired_peer_spread_ms=1.0, paired_peer_autocast_ms=16.0)
+    (row,) = _summary_rows(([bf16], []))
+    assert row.endswith("| ref | 4.00x | in alternation | 1.60x | 1.0e-02 |")
+
+
+def test_the_bench_recommends_the_fastest_route_per_precision():
+    cells = [_synthetic_cell("compiled", 20.0), _synthetic_cell("eager", 25.0),
+             _synthetic_cell("openvino int8", 6.0, max_rel_error=0.013), _synthetic_cell("openvino bfloat16", 8.0, max_rel_error=0.006),
+             _synthetic_cell("onnx dynamic_int8", 9.0, max_rel_error=0.02)]
+    results = [{"runs": [dict(device={"cpu": "cpu", "threads": 2, "accelerators": []}, gemm_peak_gflops=100.0,
+                              cells=cells, peers=[])]}]
+    assert fastest_routes(results).splitlines() == [
+        "cpu x2: p batch 1, float32: use jax compiled (20.0 ms)",
+        "cpu x2: p batch 1, bfloat16: use jax openvino bfloat16 (8.00 ms, error 6.0e-03 of the output range)",
+        "cpu x2: p batch 1, int8: use jax openvino int8 (6.00 ms, error 1.3e-02 of the output range)",
+    ]
 
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"

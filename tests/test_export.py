@@ -195,6 +195,37 @@ def test_openvino_bfloat16_runs_in_bf16_within_the_bound(tmp_path, monkeypatch):
         assert "OpenVINO ran it in f32" in report.notes
 
 
+@once
+def test_openvino_int8_calibrated_on_digits_keeps_the_digits_accuracy(tmp_path):
+    ov = pytest.importorskip("openvino", reason="needs the export extra (openvino)")
+    pytest.importorskip("nncf", reason="needs the export extra (nncf)")
+    from keras_perceiver.zoo.train_digits import digits_split
+
+    x_train = digits_split()[0]
+    path = tmp_path / "digits_int8.xml"
+    report = export("perceiver_digits", "openvino", path, quantize="int8", calibration_data=x_train[:128])
+    assert report.quantize == "int8" and 0 < report.max_rel_error <= report.error_bound
+    assert "calibrated on the given data" in report.notes
+    # products really in int8: NNCF's FakeQuantize nodes sit in the IR
+    assert "FakeQuantize" in [op.get_type_name() for op in ov.Core().read_model(str(path)).get_ordered_ops()]
+    assert _digits_accuracy("openvino", path, "int8") >= 0.97
+
+
+@once
+def test_calibration_data_is_checked_before_anything_runs(tmp_path):
+    images = np.zeros((4, 8, 8, 1), "float32")
+    with pytest.raises(ValueError, match=r"`calibration_data` applies to quantize='int8' only; received it with quantize='bfloat16'"):
+        export("perceiver_digits", "openvino", tmp_path / "a.xml", quantize="bfloat16", calibration_data=images)
+    with pytest.raises(ValueError, match=r"`calibration_data` must be a NumPy array .* received list"):
+        export("perceiver_digits", "openvino", tmp_path / "a.xml", quantize="int8", calibration_data=[1, 2])
+    with pytest.raises(ValueError, match=r"as many examples each; received \[4, 3\]"):
+        export("perceiver_digits", "openvino", tmp_path / "a.xml", quantize="int8",
+               calibration_data={"inputs": images, "mask": np.ones((3, 64), bool)})
+    with pytest.raises(ValueError, match=r"`calibration_data`: Perceiver: input 'inputs' must have shape"):
+        export("perceiver_digits", "openvino", tmp_path / "a.xml", quantize="int8", calibration_data=images[:, :4])
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 @pytest.mark.parametrize(
     "equation, lhs_shape, rhs_shape, rewritten",
     [
@@ -380,7 +411,7 @@ def test_a_quantization_that_does_not_apply_is_refused(tmp_path, monkeypatch, ca
 
     _no_export_process(monkeypatch)
     valid = ("valid values per target: saved_model: none; tflite: dynamic_int8, float16; onnx: dynamic_int8; "
-             "openvino: bfloat16; coreml: none")
+             "openvino: bfloat16, int8; coreml: none")
     with pytest.raises(ValueError, match=rf"--quantize \(quantize=\) 'dynamic_int8' does not apply to saved_model, "
                                          rf"coreml; {valid}; received 'dynamic_int8'"):
         export_all(build_small("perceiver"), ["saved_model", "onnx", "coreml"], tmp_path, quantize="dynamic_int8")
