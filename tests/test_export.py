@@ -212,6 +212,35 @@ def test_openvino_int8_calibrated_on_digits_keeps_the_digits_accuracy(tmp_path):
 
 
 @once
+def test_openvino_int8_calibrates_on_example_inputs_by_default(tmp_path):
+    pytest.importorskip("nncf", reason="needs the export extra (nncf)")
+    report = export(build_small("perceiver_resampler"), "openvino", tmp_path / "r.xml", quantize="int8")
+    assert f"calibrated on {artefacts.CALIBRATION_EXAMPLES} random example inputs" in report.notes
+    assert 1e-4 < report.max_rel_error <= artefacts.QUANTIZED_ERROR_BOUNDS["int8"]  # int8 shows, within the bound
+
+
+def test_export_cli_reads_calibration_data_from_an_npz(tmp_path, monkeypatch, capsys):
+    from keras_perceiver import converters
+    from keras_perceiver.cli import main
+
+    given = {}
+    monkeypatch.setattr(converters, "export_all", lambda *a, **k: given.update(k) or [])
+    monkeypatch.setattr(converters, "format_reports", lambda reports: "")
+    images = np.random.default_rng(0).random((5, 8, 8, 1), dtype="float32")
+    np.savez(tmp_path / "x.npz", x=images)
+    np.savez(tmp_path / "named.npz", inputs=images, mask=np.ones((5, 64), bool))
+    base = ["export", "perceiver_digits", "--to", "openvino", "--quantize", "int8", "--out", str(tmp_path / "out")]
+    assert main([*base, "--calibration-data", str(tmp_path / "x.npz")]) == 0
+    np.testing.assert_array_equal(given["calibration_data"], images)  # x: the model's main input
+    assert main([*base, "--calibration-data", str(tmp_path / "named.npz")]) == 0
+    assert sorted(given["calibration_data"]) == ["inputs", "mask"]
+    (tmp_path / "bad.npz").write_text("not an npz")
+    with pytest.raises(SystemExit) as stop:
+        main([*base, "--calibration-data", str(tmp_path / "bad.npz")])
+    assert stop.value.code == 2 and "--calibration-data: expected an .npz file of input arrays" in capsys.readouterr().err
+
+
+@once
 def test_calibration_data_is_checked_before_anything_runs(tmp_path):
     images = np.zeros((4, 8, 8, 1), "float32")
     with pytest.raises(ValueError, match=r"`calibration_data` applies to quantize='int8' only; received it with quantize='bfloat16'"):
