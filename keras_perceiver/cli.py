@@ -132,15 +132,26 @@ def build_parser():
     export.add_argument("--out", required=True, help="directory for the artefacts")
     export.add_argument("--quantize", default=None,
                         help=f"quantize every --to target (each must take it): {_QUANTIZE_CHOICES} (default: float32, none)")
+    export.add_argument("--calibration-data", default=None, metavar="NPZ",
+                        help="for --quantize int8: an .npz of inputs (arrays named as the model's inputs, or x for its "
+                        "main one; examples first) whose ranges set the int8 scales (default: random example inputs)")
     export.add_argument("--random-weights", action="store_true",
                         help="export a preset that ships no weights with random ones (its metadata file says so)")
     export.add_argument("--overwrite", action="store_true",
                         help="replace artefacts keras_perceiver wrote (their .keras-perceiver.json says so); never other files")
 
-    finetune = command("finetune", _finetune, "fine-tune a preset on an .npz (x, y) or an image folder; write the best as a preset")
+    finetune = command(
+        "finetune", _finetune,
+        "fine-tune a preset on an .npz (x, y), an image folder or a text file; write the best as a preset",
+    )
     finetune.add_argument("preset", help="a zoo preset name (see `keras-perceiver zoo`) or a preset directory")
     finetune.add_argument("--data", required=True,
-                          help="an .npz holding x (N, ...input shape) and integer labels y, or an image folder (one sub-folder per class)")
+                          help="by family: a Perceiver classifier takes an .npz holding x (N, ...input shape) and integer "
+                          "labels y, or an image folder (one sub-folder per class); a Perceiver IO language model "
+                          "(perceiver_io_language) a UTF-8 text file (masked-byte modelling: 15%% of each window's bytes "
+                          "masked, loss and accuracy at those positions); a resampler or connector (flamingo_resampler, "
+                          "idefics_resampler, idefics2_connector, ...) an .npz holding media features x, an optional "
+                          "boolean mask and integer labels y, with --num-classes (a class head on the pooled latents)")
     finetune.add_argument("--out", required=True,
                           help="the preset directory to write (a killed run resumes from .<out>.kp-backup beside it when re-run)")
     finetune.add_argument("--epochs", type=int, default=1, help="passes over the training data")
@@ -148,16 +159,19 @@ def build_parser():
     finetune.add_argument("--learning-rate", type=float, default=1e-3,
                           help="AdamW's peak rate (linear warm-up over 10%% of the steps, then cosine decay)")
     finetune.add_argument("--num-classes", type=int, default=None,
-                          help="a new class count: a fresh head, every other weight from the preset (default: the preset's)")
+                          help="a new class count: a fresh head, every other weight from the preset (default: the preset's); "
+                          "required for a resampler or connector preset without a head")
     finetune.add_argument("--freeze", default=None, choices=["head"],
                           help="head: train only the head, everything else frozen (default: train everything)")
     finetune.add_argument("--dtype", default=None, choices=["float32", "mixed_bfloat16", "mixed_float16"],
                           help="the dtype policy to train in (default: float32)")
     finetune.add_argument("--validation-split", type=float, default=0.0,
                           help="fraction of the data held out to pick the best epoch by validation loss (default: 0, none held out)")
-    finetune.add_argument("--seed", type=int, default=0, help="seed of the weights' init, the shuffles and the split")
+    finetune.add_argument("--seed", type=int, default=0, help="seed of the weights' init, the shuffles, the split and the masked bytes")
     finetune.add_argument("--model-parallel", type=int, default=1,
                           help="devices each model is split over (JAX only; 1: data parallel over every device)")
+    finetune.add_argument("--from-scratch", action="store_true",
+                          help="train the preset's config from freshly initialised weights (none of the preset's)")
     finetune.add_argument("--backup-every-steps", type=int, default=20,
                           help="steps between backups of the training state (what a killed run resumes from)")
     finetune.add_argument("--overwrite", action="store_true", help="replace a preset directory keras_perceiver wrote")
@@ -298,8 +312,18 @@ def _export(args, parser):
     unknown = [t for t in targets if t not in ROUTES]
     if unknown:
         parser.error(f"--to: expected targets among {','.join(ROUTES)}; received {','.join(unknown)}")
+    calibration = None
+    if args.calibration_data:
+        import numpy as np
+
+        try:
+            with np.load(args.calibration_data, allow_pickle=False) as stored:
+                calibration = {("" if k == "x" else k): stored[k] for k in stored.files}
+        except (OSError, ValueError, EOFError) as error:
+            parser.error(f"--calibration-data: expected an .npz file of input arrays; received {args.calibration_data} ({error})")
+        calibration = calibration.pop("", None) if list(calibration) == [""] else calibration
     reports = export_all(args.preset, targets, args.out, quantize=args.quantize, overwrite=args.overwrite,
-                         random_weights=args.random_weights)
+                         random_weights=args.random_weights, calibration_data=calibration)
     print(format_reports(reports))
     return 0
 
@@ -311,7 +335,7 @@ def _finetune(args, parser):
         args.preset, args.data, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, num_classes=args.num_classes, freeze=args.freeze, dtype=args.dtype,
         validation_split=args.validation_split, seed=args.seed, model_parallel=args.model_parallel,
-        overwrite=args.overwrite, backup_every_steps=args.backup_every_steps,
+        from_scratch=args.from_scratch, overwrite=args.overwrite, backup_every_steps=args.backup_every_steps,
     )
     final = ", ".join(f"{name} {values[-1]:.4f}" for name, values in history.history.items() if values)
     print(f"wrote {args.out} ({type(model).__name__}); final epoch: {final}; load it with keras_perceiver.from_preset({args.out!r})")
@@ -321,7 +345,7 @@ def _finetune(args, parser):
 def _bench(args, parser):
     from keras_perceiver.benchmarks import run as bench_run
     from keras_perceiver.benchmarks.cells import artefact_options
-    from keras_perceiver.benchmarks.report import report
+    from keras_perceiver.benchmarks.report import fastest_routes, report
 
     presets = _bench_presets(parser, args.presets)
     backends = args.backends if isinstance(args.backends, list) else _backends(args.backends)
@@ -341,6 +365,10 @@ def _bench(args, parser):
     bench_run.run(presets, backends, args.batch, args.repeats, modes, args.out,
                   peers=not args.no_peers, targets=targets, dtypes=dtypes, paired=args.paired)
     print(report([args.out]))
+    import json
+
+    with open(args.out) as written:
+        print("\nfastest route per precision on this machine:\n" + fastest_routes([json.load(written)]))
     return 0
 
 

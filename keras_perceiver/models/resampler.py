@@ -1,10 +1,13 @@
 """Flamingo's Perceiver Resampler as a functional model."""
 
 import dataclasses
+from typing import Optional
 
 import keras
 import numpy as np
 
+from keras_perceiver.layers.adapters import check_int
+from keras_perceiver.layers.attention import dense_flops
 from keras_perceiver.layers.resampler import Resampler, ResamplerConfig
 from keras_perceiver.models.base import ConfiguredModel, check_mask_matches, rank_of
 
@@ -15,11 +18,15 @@ class PerceiverResamplerConfig(ResamplerConfig):
     # 5: media (B, T, F, V, D) (ranks 3 and 4 accepted) -> (B, T, num_latents, dim), Flamingo's;
     # 3: media (B, V, D), mask (B, V) -> (B, num_latents, dim), the Idefics connectors' own.
     media_rank: int = 5
+    # A classifier: the latents averaged (over media items too, those with a real token) into a
+    # Dense head named "logits"; the model then outputs (B, num_classes). None = the latents.
+    num_classes: Optional[int] = None
 
     def validate(self):
         super().validate()
         if self.media_rank not in (3, 5):
             raise ValueError(f"PerceiverResamplerConfig: `media_rank` must be 3 or 5; received {self.media_rank}")
+        check_int(self, "num_classes", self.num_classes, optional=True)
 
 
 @keras.saving.register_keras_serializable(package="keras_perceiver")
@@ -27,7 +34,9 @@ class PerceiverResampler(ConfiguredModel):
     """media (B, T, F, V, D) -> (B, T, num_latents, D).
 
     Inputs of rank 3 (B, V, D) or 4 (B, T, V, D) are accepted and given unit T / F axes,
-    as flamingo-pytorch does; a `media_mask` follows the same rule without D.
+    as flamingo-pytorch does; a `media_mask` follows the same rule without D. With
+    `num_classes` set, the output is the logits (B, num_classes) of a "logits" Dense on the
+    latents' mean (over media items too; a media item with no real token is left out).
     """
 
     config_class = PerceiverResamplerConfig
@@ -48,6 +57,8 @@ class PerceiverResampler(ConfiguredModel):
         )
         if config.media_rank == 3:
             outputs = keras.ops.squeeze(outputs, axis=1)
+        if config.num_classes:
+            outputs = keras.layers.Dense(config.num_classes, name="logits", dtype=dtype)(_pooled(outputs, inputs))
         return inputs, outputs
 
     def check_inputs(self, inputs):
@@ -79,7 +90,23 @@ class PerceiverResampler(ConfiguredModel):
     def _flops_from_shapes(self, shapes):
         batch, *middle, tokens = shapes["media"][:-1]
         times, frames = (middle + [1, 1])[:2]  # (B, V, D) and (B, T, V, D) get unit axes (to_five_dims)
-        return batch * times * self.get_layer("resampler").flops(frames * tokens)  # per media item
+        flops = batch * times * self.get_layer("resampler").flops(frames * tokens)  # per media item
+        if self.config.num_classes:
+            flops += batch * dense_flops(self.get_layer("logits"), 1)
+        return flops
+
+
+def _pooled(latents, inputs):
+    """The latents (B, L, D) or (B, T, L, D) averaged into (B, D); over T, only the media
+    items with at least one real token (when there is a `media_mask`)."""
+    ops = keras.ops
+    if len(latents.shape) == 3:
+        return ops.mean(latents, axis=1)
+    per_item = ops.mean(latents, axis=2)  # (B, T, D)
+    if "media_mask" not in inputs:
+        return ops.mean(per_item, axis=1)
+    real = ops.max(ops.cast(inputs["media_mask"], per_item.dtype), axis=(2, 3))[..., None]  # (B, T, 1)
+    return ops.sum(per_item * real, axis=1) / ops.maximum(ops.sum(real, axis=1), 1.0)
 
 
 def _to_five_dims(x, has_features=True):
