@@ -166,17 +166,11 @@ def _cell(preset, backend, mode, batch, times, compile_s, flops, peak, **extra):
         preset=preset, backend=backend, mode=mode, batch=batch, median_ms=1000 * median,
         spread_ms=1000 * (max(times) - min(times)), throughput_per_s=batch / median, compile_s=compile_s,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        gflop=flops / 1e9, achieved_gflops=flops / median / 1e9,
-        fraction_of_peak=flops / median / 1e9 / peak if peak else None,
+        gflop=flops / 1e9, achieved_gflops=flops / median / 1e9, fraction_of_peak=flops / median / 1e9 / peak,
         peak_gflops=peak, **extra,
     )
     print(json.dumps(cell), file=sys.stderr, flush=True)
     return cell
-
-# Quantizations timed against the peer's bfloat16 autocast too, and the GEMM peak their cells are
-# measured against (float32's unless named: no int8 peak is measured, the report shows none).
-REDUCED = ("bfloat16", "int8", "dynamic_int8", "float16")
-PEAK_OF = {"bfloat16": "bfloat16"}
 
 # A bench target option that is not a quantization: the file traced at the bench inputs'
 # shapes, every axis fixed (the torch.export routes, ONNX and CoreML: no shape arithmetic left
@@ -213,7 +207,7 @@ def run_artefacts(presets, targets, batches, repeats, peaks, paired=False, gpu_p
             static = option == STATIC
             quantize = None if static or not option else option
             mode = target + (f" {option}" if option else "")
-            cell_peak = peaks.get(PEAK_OF.get(quantize, "float32"))
+            cell_peak = peaks["bfloat16" if quantize == "bfloat16" else "float32"]
             if target == "coreml":
                 cell_peak = max(cell_peak, gpu_peak or 0)
             with tempfile.TemporaryDirectory() as work:
@@ -235,7 +229,7 @@ def run_artefacts(presets, targets, batches, repeats, peaks, paired=False, gpu_p
                             break
                         export_s = time.perf_counter() - start
                     run = artefact_runner(target, str(path), quantize)
-                    times, extra = _measured(lambda: run(inputs), name, batch, repeats, paired, quantize in REDUCED)
+                    times, extra = _measured(lambda: run(inputs), name, batch, repeats, paired, quantize is not None)
                     cells.append(_cell(name, "artefact", mode, batch, times, export_s, flops[batch], cell_peak,
                                        max_rel_error=report.max_rel_error, **extra))
         del model

@@ -56,6 +56,8 @@ REQUIREMENTS = {
 QUANTIZE = {"tflite": ("dynamic_int8", "float16"), "onnx": ("dynamic_int8",), "openvino": ("bfloat16", "int8")}
 QUANTIZE_REQUIREMENTS = {"int8": ["nncf"]}  # modules a quantization needs beyond its target's
 CALIBRATION_EXAMPLES = 8  # default calibration: this many example inputs of the export's shapes
+CALIBRATION_LIMIT = 300  # given calibration data: at most this many rows (NNCF's default subset)
+CALIBRATION_HELD_OUT = 3  # given calibration data: rows kept out of it to verify the int8 file on
 # Bounds on a quantized artefact's max_rel_error (max abs error / max |Keras output|), unless
 # the preset's zoo file sets its own under "quantized_error_bounds". Measured values: README.
 QUANTIZED_ERROR_BOUNDS = {"float16": 0.005, "bfloat16": 0.05, "dynamic_int8": 0.15, "int8": 0.15}
@@ -527,7 +529,7 @@ def _saved_model(model, out):
     model.export(out, format="tf_saved_model", verbose=False)
 
 
-def _convert(model, job, work):
+def _convert(model, job, work, calibration=None):
     target, out = job["target"], job["out"]
     if target == "saved_model":
         _saved_model(model, out)
@@ -562,69 +564,63 @@ def _convert(model, job, work):
         converted = ov.convert_model(saved)
         _einsums_as_matmuls(converted)
         if job["quantize"] == "int8":
-            converted = _int8_quantized(converted, model, job)
+            converted = _int8_quantized(converted, calibration, job)
         set_openvino_precision(converted, openvino_precision(job["quantize"]))
         ov.save_model(converted, out, compress_to_fp16=False)
     elif target == "coreml":
         return _coreml(model, job)
 
 
-def _calibration_samples(model, job):
-    """The int8 calibration inputs, one example each: the rows of job["calibration"], else
-    CALIBRATION_EXAMPLES example inputs at the export's first input shapes, batch 1."""
+def _calibration_sets(model, job):
+    """(calibration examples, one each; the input sets the int8 file is verified on, or None
+    for the usual `_sizes`). Given data: its rows (at most CALIBRATION_LIMIT), the last
+    CALIBRATION_HELD_OUT of them kept out of the calibration to check the file on (random
+    example inputs can lie far outside ranges calibrated on pixels in [0, 1]); fewer than
+    2 x CALIBRATION_HELD_OUT rows are all calibrated on and checked. Else CALIBRATION_EXAMPLES
+    random example inputs at the export's first input shapes, batch 1."""
     import numpy as np
 
     from keras_perceiver.examples import example_inputs
 
-    if job.get("calibration"):
-        with np.load(job["calibration"]) as stored:
-            arrays = {(name or model.primary_input): stored[name] for name in stored.files}
-        unknown = sorted(set(arrays) - set(model.named_inputs))
-        if unknown:
-            raise ValueError(f"export: `calibration_data` names inputs among {list(model.named_inputs)}; received {unknown}")
-        for name, value in arrays.items():
-            if np.issubdtype(value.dtype, np.floating):  # float64 data to the input's own dtype
-                arrays[name] = value.astype(model.named_inputs[name].dtype)
-        count = len(next(iter(arrays.values())))
-        try:
-            return [model.standardize_inputs({n: v[i:i + 1] for n, v in arrays.items()}) for i in range(count)]
-        except ValueError as error:
-            raise ValueError(f"export: `calibration_data`: {error}") from None
-    first = _sizes(model, job)[0]
-    shapes = {name: (1, *value.shape[1:]) for name, value in first.items()}
-    return [example_inputs(model, shapes=shapes, seed=100 + i) for i in range(CALIBRATION_EXAMPLES)]
+    if not job.get("calibration"):
+        first = _sizes(model, job)[0]
+        shapes = {name: (1, *value.shape[1:]) for name, value in first.items()}
+        return [example_inputs(model, shapes=shapes, seed=100 + i) for i in range(CALIBRATION_EXAMPLES)], None
+    with np.load(job["calibration"]) as stored:
+        arrays = {(name or model.primary_input): stored[name] for name in stored.files}
+    unknown = sorted(set(arrays) - set(model.named_inputs))
+    if unknown:
+        raise ValueError(f"export: `calibration_data` names inputs among {list(model.named_inputs)}; received {unknown}")
+    for name, value in arrays.items():
+        if np.issubdtype(value.dtype, np.floating):  # float64 data to the input's own dtype
+            arrays[name] = value.astype(model.named_inputs[name].dtype)
+    count = min(len(next(iter(arrays.values()))), CALIBRATION_LIMIT + CALIBRATION_HELD_OUT)
+    try:
+        rows = [model.standardize_inputs({n: v[i:i + 1] for n, v in arrays.items()}) for i in range(count)]
+    except ValueError as error:
+        raise ValueError(f"export: `calibration_data`: {error}") from None
+    held_out = CALIBRATION_HELD_OUT if count >= 2 * CALIBRATION_HELD_OUT else 0
+    calibration, checked = rows[:count - held_out][:CALIBRATION_LIMIT], rows[count - held_out:] or rows[:2]
+    return calibration, [{name: np.concatenate([r[name] for r in checked]) for name in checked[0]}]
 
 
-def _calibration_checks(model, job):
-    """Input sets an int8 file calibrated on given data is verified on: batches of its own
-    calibration examples (random example inputs can lie far outside the calibrated ranges:
-    pixels in [0, 1] against normal noise)."""
-    import numpy as np
-
-    samples = _calibration_samples(model, job)
-    groups = [samples[:2], samples[2:5]] if len(samples) >= 5 else [samples]
-    return [{name: np.concatenate([s[name] for s in group]) for name in group[0]} for group in groups]
-
-
-def _int8_quantized(converted, model, job):
-    """The OpenVINO model with NNCF's static post-training int8 quantization (transformer
-    preset: products quantized, softmax / norms left in floating point)."""
+def _int8_quantized(converted, samples, job):
+    """The OpenVINO model with NNCF's static post-training int8 quantization of `samples`
+    (transformer preset: products quantized, softmax / norms left in floating point)."""
     import nncf
     import numpy as np
 
-    samples = _calibration_samples(model, job)
-    names = [port.get_any_name() for port in converted.inputs]
+    ports = [port.get_any_name() for port in converted.inputs]
+    missing = sorted(set(ports) - set(samples[0]))
+    if missing:
+        raise ValueError(f"export: the OpenVINO model's inputs {missing} are not among the calibration inputs {sorted(samples[0])}")
     _progress(job, f"calibrating int8 on {len(samples)} examples...")
-
-    def feed(sample):
-        return {name: np.asarray(sample[name]) for name in names if name in sample}
-
-    # no SmoothQuant: its scales made perceiver_digits' file wrong beyond the first ~64 examples
-    # of a batch (98% held-out accuracy at batch 64, 24% at batch 450; NNCF 3.4, OpenVINO 2026.4)
+    # no SmoothQuant: it made perceiver_digits' file wrong past the ~64th example of a batch
     advanced = nncf.AdvancedQuantizationParameters(
         smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(convolution=-1, matmul=-1))
-    return nncf.quantize(converted, nncf.Dataset(samples, feed), model_type=nncf.ModelType.TRANSFORMER,
-                         subset_size=len(samples), advanced_parameters=advanced)
+    dataset = nncf.Dataset(samples, lambda sample: {name: np.asarray(sample[name]) for name in ports})
+    return nncf.quantize(converted, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(samples),
+                         advanced_parameters=advanced)
 
 
 def openvino_precision(quantize):
@@ -914,6 +910,7 @@ def worker(job):
     _progress(job, "loading the model...")
     model, weights, notes = _load(job)
     model(_sizes(model, job)[0])  # build every layer before converting
+    calibration, checks = _calibration_sets(model, job) if job["quantize"] == "int8" else (None, None)
     target = job["target"]
     names = list(model.named_inputs)
     extra = {"versions": _module_versions(target)}
@@ -922,15 +919,16 @@ def worker(job):
     work.mkdir(parents=True, exist_ok=True)
     try:
         _progress(job, "converting...")
-        converted = _convert(model, job, str(work))
+        converted = _convert(model, job, str(work), calibration)
         size = sum(_file_size(p) for p in _companion_paths(target, job["out"]) if p.exists())
         if target == "openvino":
             condition = openvino_runtime_condition(job["out"], openvino_precision(job["quantize"]))
             extra["openvino"], runtime_config = condition, condition["compile_config"]
             if job["quantize"] == "int8":
                 notes = (notes + "; " if notes else "") + (
-                    "NNCF static int8 products, calibrated on " + ("the given data" if job.get("calibration") else
-                                                                    f"{CALIBRATION_EXAMPLES} random example inputs"))
+                    f"NNCF static int8 products, calibrated on {len(calibration)} "
+                    + ("rows of the given data" if checks else "random example inputs")
+                    + (f", verified on {len(next(iter(checks[0].values())))} rows of it" if checks else ""))
             if job["quantize"] in ("bfloat16", "int8"):
                 notes = (notes + "; " if notes else "") + (
                     ("the rest" if job["quantize"] == "int8" else "float32 IR") + " run with INFERENCE_PRECISION_HINT=bf16"
@@ -970,7 +968,7 @@ def worker(job):
                 _progress(job, f"verifying in {ROUTES[target][2]}...")
                 run = artefact_runner(target, job["out"], job["quantize"])
                 sets = []
-                for inputs in _calibration_checks(model, job) if job.get("calibration") else _sizes(model, job):
+                for inputs in checks or _sizes(model, job):
                     expected = outputs_to_numpy(model(inputs))
                     sets.append((expected, select_outputs(run(inputs), output_keys(model), target), inputs))
                 latency = 1000 * float(np.median(timed_runs(lambda: run(sets[0][2]), 10)))

@@ -317,10 +317,13 @@ def _export(args, parser):
         import numpy as np
 
         try:
-            with np.load(args.calibration_data, allow_pickle=False) as stored:
-                calibration = {("" if k == "x" else k): stored[k] for k in stored.files}
+            stored = np.load(args.calibration_data, allow_pickle=False)
         except (OSError, ValueError, EOFError) as error:
             parser.error(f"--calibration-data: expected an .npz file of input arrays; received {args.calibration_data} ({error})")
+        if not isinstance(stored, np.lib.npyio.NpzFile):
+            parser.error(f"--calibration-data: expected an .npz file of input arrays; received the array file {args.calibration_data}")
+        with stored:
+            calibration = {("" if k == "x" else k): stored[k] for k in stored.files}
         calibration = calibration.pop("", None) if list(calibration) == [""] else calibration
     reports = export_all(args.preset, targets, args.out, quantize=args.quantize, overwrite=args.overwrite,
                          random_weights=args.random_weights, calibration_data=calibration)
@@ -345,6 +348,8 @@ def _finetune(args, parser):
 def _bench(args, parser):
     from keras_perceiver.benchmarks import run as bench_run
     from keras_perceiver.benchmarks.cells import artefact_options
+    import json
+
     from keras_perceiver.benchmarks.report import fastest_routes, report
 
     presets = _bench_presets(parser, args.presets)
@@ -365,8 +370,6 @@ def _bench(args, parser):
     bench_run.run(presets, backends, args.batch, args.repeats, modes, args.out,
                   peers=not args.no_peers, targets=targets, dtypes=dtypes, paired=args.paired)
     print(report([args.out]))
-    import json
-
     with open(args.out) as written:
         print("\nfastest route per precision on this machine:\n" + fastest_routes([json.load(written)]))
     return 0

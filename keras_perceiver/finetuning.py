@@ -233,7 +233,7 @@ def read_data(data, model, seed=0):
     path = Path(data).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"data: no such file or directory: {str(path)!r}")
-    if is_masked_byte_model(model) and path.suffix != ".npz":
+    if is_masked_byte_model(model) and path.suffix.lower() != ".npz":
         if path.is_dir():
             raise ValueError(
                 f"data: a masked-byte {type(model).__name__} takes a UTF-8 text file (or an .npz of token ids x "
@@ -494,14 +494,16 @@ class _ResumableBackup(keras.callbacks.BackupAndRestore):
     def _load_model(self):
         weights_exist = os.path.exists(self._weights_path)
         if not os.path.exists(self._training_metadata_path):
-            if weights_exist:  # a kill between the two files of the first backup
+            if weights_exist and os.path.exists(self._prev_weights_path):  # a kill between the two files of a backup
                 raise OSError(f"{self._weights_path} has no record beside it")
+            if weights_exist:  # a kill inside the first backup: nothing to resume; its own half is dropped
+                os.remove(self._weights_path)
             return
         try:
             state = json.loads(Path(self._training_metadata_path).read_text())
-        except ValueError as error:
+            super()._load_model()
+        except (ValueError, KeyError) as error:  # a half-written record or weights file: the previous backup
             raise OSError(f"{self._training_metadata_path}: {error}") from None
-        super()._load_model()
         self.model._initial_epoch = None  # finetune gives each fit its first epoch
         if int(self.model.optimizer.iterations) != state["step"]:  # files of two backups: a kill between the writes
             raise OSError(f"{self._weights_path} is at step {int(self.model.optimizer.iterations)}, its record at {state['step']}")
@@ -664,7 +666,7 @@ def _fit_from(model, position, fit_data, epochs, resumable, **fit_options):
         runs.append(model.fit(**{**fit_data, "x": rest}, initial_epoch=epoch, epochs=epoch + 1, **fit_options))
         resumable.first_batch = 0
         epoch += 1
-    if epoch < epochs or not runs:
+    if (epoch < epochs or not runs) and not (runs and model.stop_training):  # a callback's stop holds
         runs.append(model.fit(**fit_data, initial_epoch=epoch, epochs=epochs, **fit_options))
     history = runs[-1]
     if len(runs) == 2:

@@ -327,7 +327,7 @@ def test_coreml_is_a_bench_target_on_macos_only(monkeypatch):
 
     here = cells.artefact_options()
     assert ("coreml" in here) == (platform.system() == "Darwin")
-    assert here["onnx"] == ["dynamic_int8", "static"] and here["openvino"] == ["bfloat16"]
+    assert here["onnx"] == ["dynamic_int8", "static"] and here["openvino"] == ["bfloat16", "int8"]
     monkeypatch.setattr(cells.platform, "system", lambda: "Darwin")
     assert cells.artefact_options()["coreml"] == ["static"]
 

@@ -168,6 +168,26 @@ def test_a_run_killed_with_sigkill_resumes_to_the_steps_and_weights_of_an_uninte
         np.testing.assert_allclose(history.history[name], whole_history.history[name][1:], rtol=1e-6, err_msg=name)
 
 
+def test_a_kill_inside_the_first_backup_starts_afresh(tmp_path, five_digits):
+    # killed after step 1's backup; its record then removed: what a kill between the first
+    # backup's weights file and its record leaves. No earlier backup exists to fall back to.
+    x, y = five_digits[0][:32], five_digits[1][:32]
+    data, out = tmp_path / "data.npz", tmp_path / "tuned"
+    np.savez(data, x=x, y=y)
+    arguments = dict(epochs=1, batch_size=16, num_classes=5, freeze="head", backup_every_steps=1, verbose=0)
+    code = _KILL_AT_STEP_3.replace("== 3:", "== 1:").format(preset=PRESET, arguments=arguments)
+    env = dict(os.environ, KERAS_BACKEND=keras.backend.backend(), TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run([sys.executable, "-c", code, str(data), str(out)], env=env, capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    backup = backup_dir(out)
+    assert (backup / "latest.weights.h5").is_file()
+    (backup / "training_metadata.json").unlink()
+    assert not list(backup.glob("*.bkp"))  # the first backup: none before it
+    model, history = kp.finetune(PRESET, x=x, y=y, out=str(out), **arguments)
+    assert history.epoch == [0] and int(model.optimizer.iterations) == 2  # the whole run, from its start
+    assert kp.from_preset(str(out)).config.num_classes == 5 and not backup.exists()
+
+
 def test_array_batches_follow_the_seed_and_epoch_and_split_over_the_devices():
     from keras_perceiver.finetuning import _cut_for_devices, _EpochBatches
 
