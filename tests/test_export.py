@@ -540,7 +540,7 @@ def test_bad_arguments_name_themselves():
         export(build_small("perceiver"), "onnx", "x.onnx", input_shapes={"media": (1, 0)})
     with pytest.raises(ValueError, match=r"`target` must be one of .*received 'tensorrt'"):
         export(build_small("perceiver"), "tensorrt", "x")
-    with pytest.raises(ValueError, match=r"`quantize` for 'openvino' must be one of \['bfloat16'\] or None; received 'dynamic_int8'"):
+    with pytest.raises(ValueError, match=r"`quantize` for 'openvino' must be one of \['bfloat16', 'int8'\] or None; received 'dynamic_int8'"):
         export(build_small("perceiver"), "openvino", "x.xml", quantize="dynamic_int8")
     with pytest.raises(ValueError, match=r"`quantize` for 'coreml' must be one of \[\] or None; received 'float16'"):
         export(build_small("perceiver"), "coreml", "x.mlpackage", quantize="float16")
