@@ -213,10 +213,20 @@ def test_openvino_int8_calibrated_on_digits_keeps_the_digits_accuracy(tmp_path):
 
 @once
 def test_openvino_int8_calibrates_on_example_inputs_by_default(tmp_path):
+    ov = pytest.importorskip("openvino", reason="needs the export extra (openvino)")
     pytest.importorskip("nncf", reason="needs the export extra (nncf)")
-    report = export(build_small("perceiver_resampler"), "openvino", tmp_path / "r.xml", quantize="int8")
+    model = build_small("perceiver_resampler")
+    report = export(model, "openvino", tmp_path / "r.xml", quantize="int8")
     assert f"calibrated on {artefacts.CALIBRATION_EXAMPLES} random example inputs" in report.notes
     assert 1e-4 < report.max_rel_error <= artefacts.QUANTIZED_ERROR_BOUNDS["int8"]  # int8 shows, within the bound
+    # products with a weight in int8; attention's products of two activations left in floating point
+    export(model, "openvino", tmp_path / "float.xml")
+    between_activations = artefacts._products_of_activations(ov.Core().read_model(str(tmp_path / "float.xml")))
+    ir = ov.Core().read_model(str(tmp_path / "r.xml"))
+    quantized = {op.get_friendly_name(): any(v.get_node().get_type_name() == "FakeQuantize" for v in op.input_values())
+                 for op in ir.get_ordered_ops() if op.get_type_name() == "MatMul"}
+    assert between_activations and not any(quantized[name] for name in between_activations)
+    assert any(quantized.values())
 
 
 def test_export_cli_reads_calibration_data_from_an_npz(tmp_path, monkeypatch, capsys):
@@ -284,6 +294,43 @@ def test_openvino_einsums_become_matmuls(equation, lhs_shape, rhs_shape, rewritt
     compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     np.testing.assert_allclose(next(iter(compiled([x, y]).values())), np.einsum(equation, x, y), atol=1e-5)
 
+
+
+@pytest.mark.parametrize("heads, rewritten", [(1, True), (3, False)])
+def test_openvino_key_transposes_move_into_the_matmul(heads, rewritten):
+    """Keys (B, Tk, H, D) -> (B, H, D, Tk): with one head the swap goes into the MatMul
+    (transpose_b) and what stays moves no data; with several it stays a Transpose."""
+    ov = pytest.importorskip("openvino", reason="needs the export extra (openvino)")
+    import openvino.opset13 as opset
+
+    from keras_perceiver.converters.artefacts import _transposes_into_matmuls
+
+    query, key = opset.parameter([-1, heads, 5, 7], np.float32), opset.parameter([-1, 9, heads, 7], np.float32)
+    keys_last = opset.transpose(key, opset.constant(np.array([0, 2, 3, 1])))
+    model = ov.Model([opset.matmul(query, keys_last, False, False)], [query, key])
+    assert _transposes_into_matmuls(model) == int(rewritten)
+    matmul = next(op for op in model.get_ordered_ops() if op.get_type_name() == "MatMul")
+    assert matmul.get_attributes()["transpose_b"] == rewritten
+    rng = np.random.default_rng(0)
+    q, k = rng.normal(size=(2, heads, 5, 7)).astype("float32"), rng.normal(size=(2, 9, heads, 7)).astype("float32")
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    np.testing.assert_allclose(next(iter(compiled([q, k]).values())), q @ k.transpose(0, 2, 3, 1), atol=1e-5)
+
+
+@once
+def test_openvino_layer_norms_are_one_mvn_kernel_each(tmp_path):
+    """Keras' TensorFlow layer norm reaches OpenVINO as moments and four full-size products;
+    the export rewrites every one as MVN x gamma + beta (the export's check holds the values)."""
+    ov = pytest.importorskip("openvino", reason="needs the export extra (openvino)")
+    model = build_small("perceiver")
+    for layer in model._flatten_layers():
+        if isinstance(layer, keras.layers.LayerNormalization):  # not the zero / one initial values
+            layer.beta.assign(np.linspace(-1, 1, layer.beta.shape[0]))
+            layer.gamma.assign(np.linspace(0.5, 2, layer.gamma.shape[0]))
+    report = export(model, "openvino", tmp_path / "p.xml")
+    kinds = [op.get_type_name() for op in ov.Core().read_model(str(tmp_path / "p.xml")).get_ordered_ops()]
+    assert "MVN" in kinds and "SquaredDifference" not in kinds
+    assert report.max_abs_error < 1e-4
 
 @once
 def test_onnx_graph_is_the_torch_export_graph(tmp_path):
