@@ -36,7 +36,7 @@ ROUTES = {
     "saved_model": ("tensorflow", "keras export (tf_saved_model)", "tf.saved_model"),
     "tflite": ("tensorflow", "SavedModel -> TFLiteConverter (builtin ops)", "LiteRT interpreter"),
     "onnx": ("torch", "torch.export -> torch.onnx (dynamo)", "onnxruntime"),
-    "openvino": ("tensorflow", "SavedModel -> openvino.convert_model -> Einsum as MatMul", "OpenVINO CPU (f32; bf16 with quantize='bfloat16'; int8 products with quantize='int8')"),
+    "openvino": ("tensorflow", "SavedModel -> openvino.convert_model -> Einsum as MatMul, layer norm as MVN", "OpenVINO CPU (f32; bf16 with quantize='bfloat16'; int8 products with quantize='int8')"),
     "coreml": ("torch", "torch.export -> run_decompositions -> coremltools mlprogram", "CoreML (macOS only)"),
 }
 SUFFIXES = {"saved_model": "", "tflite": ".tflite", "onnx": ".onnx", "openvino": ".xml", "coreml": ".mlpackage"}
@@ -634,14 +634,19 @@ def _products_of_activations(model):
     """Names of the IR's MatMuls with no constant operand (weights reach a MatMul through
     Convert / Reshape / Transpose of a Constant)."""
 
-    def constant(output):
-        node = output.get_node()
-        while node.get_type_name() in ("Convert", "Reshape", "Transpose"):
-            node = node.input_value(0).get_node()
-        return node.get_type_name() == "Constant"
+    def weight(output):
+        while output.get_node().get_type_name() in ("Convert", "Reshape", "Transpose"):
+            output = output.get_node().input_value(0)
+        return _constant_data(output) is not None
 
     return [op.get_friendly_name() for op in model.get_ordered_ops()
-            if op.get_type_name() == "MatMul" and not any(constant(value) for value in op.input_values())]
+            if op.get_type_name() == "MatMul" and not any(weight(value) for value in op.input_values())]
+
+
+def _constant_data(output):
+    """The values of an IR output that is a Constant, else None."""
+    node = output.get_node()
+    return node.get_data() if node.get_type_name() == "Constant" else None
 
 
 def openvino_precision(quantize):
@@ -737,7 +742,6 @@ def _einsums_as_matmuls(model):
     return count
 
 
-
 def _transposes_into_matmuls(model):
     """Move the last-two-axes swap of a Transpose feeding a MatMul's second operand into the
     MatMul (transpose_b) where what stays of the Transpose only moves axes of size 1 (a
@@ -752,9 +756,9 @@ def _transposes_into_matmuls(model):
         if op.get_type_name() != "MatMul" or op.get_attributes()["transpose_b"]:
             continue
         source = op.input_value(1).get_node()
-        if source.get_type_name() != "Transpose" or source.input_value(1).get_node().get_type_name() != "Constant":
+        if source.get_type_name() != "Transpose" or _constant_data(source.input_value(1)) is None:
             continue
-        perm = [int(a) for a in source.input_value(1).get_node().get_data()]
+        perm = [int(a) for a in _constant_data(source.input_value(1))]
         shape = source.input_value(0).get_partial_shape()
         if len(perm) < 2 or shape.rank.is_dynamic:
             continue
@@ -780,12 +784,10 @@ def _layer_norms_as_mvn(model):
     import numpy as np
     import openvino.opset13 as opset
 
+    constant = _constant_data
+
     def kind(output):
         return output.get_node().get_type_name()
-
-    def constant(output):
-        node = output.get_node()
-        return node.get_data() if node.get_type_name() == "Constant" else None
 
     def other(node, output):
         """The input of binary `node` that is not `output` (None if neither is)."""
@@ -840,6 +842,7 @@ def _layer_norms_as_mvn(model):
     if count:
         model.validate_nodes_and_infer_types()
     return count
+
 
 def _torch_program(model, job, outputs_as_sorted_tuple=False):
     """(torch.export program, example inputs) of the model called on its inputs in
