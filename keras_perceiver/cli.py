@@ -314,16 +314,14 @@ def _export(args, parser):
         parser.error(f"--to: expected targets among {','.join(ROUTES)}; received {','.join(unknown)}")
     calibration = None
     if args.calibration_data:
-        import numpy as np
+        from keras_perceiver.storage import read_npz
 
         try:
-            stored = np.load(args.calibration_data, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as error:
-            parser.error(f"--calibration-data: expected an .npz file of input arrays; received {args.calibration_data} ({error})")
-        if not isinstance(stored, np.lib.npyio.NpzFile):
-            parser.error(f"--calibration-data: expected an .npz file of input arrays; received the array file {args.calibration_data}")
-        with stored:
-            calibration = {("" if k == "x" else k): stored[k] for k in stored.files}
+            stored = read_npz(args.calibration_data, "--calibration-data", expected="an .npz file of input arrays")
+        except ValueError as error:
+            parser.error(str(error))
+        # "x" is the primary input ("" to export_all; alone, a bare array); other keys name inputs
+        calibration = {("" if k == "x" else k): array for k, array in stored.items()}
         calibration = calibration.pop("", None) if list(calibration) == [""] else calibration
     reports = export_all(args.preset, targets, args.out, quantize=args.quantize, overwrite=args.overwrite,
                          random_weights=args.random_weights, calibration_data=calibration)

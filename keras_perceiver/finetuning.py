@@ -31,7 +31,7 @@ call after a kill resumes from the last backup, at the batch after it: array dat
 per epoch from (seed, epoch) alone and a dataset is read in its own order, so the resumed run
 trains on the batches, and ends with the steps, weights and epoch metrics, of an uninterrupted
 one. The backup is removed when training ends. A backup written by a different call (other
-arguments or data) is refused.
+arguments or data, or data giving another number of steps per epoch) is refused.
 """
 
 import json
@@ -45,7 +45,7 @@ import numpy as np
 
 import keras_perceiver.models  # noqa: F401 (registers the classes a preset names)
 from keras_perceiver import presets
-from keras_perceiver.storage import check_target
+from keras_perceiver.storage import check_target, read_npz
 
 FREEZE_CHOICES = (None, "head")  # "head": train the head only, everything else frozen
 DTYPE_CHOICES = (None, "float32", "mixed_bfloat16", "mixed_float16")
@@ -242,20 +242,14 @@ def read_data(data, model, seed=0):
         return _text_windows(path, model, seed)
     if path.is_dir():
         return _images_from_directory(path, model)
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise ValueError(f"data: expected an .npz file with x and y, or an image folder; received the array file {str(path)!r}")
-        with loaded as arrays:
-            missing = [key for key in ("x", "y") if key not in arrays.files]
-            if missing:
-                raise ValueError(f"data: {str(path)!r} must hold arrays 'x' and 'y'; missing {missing} (holds {arrays.files})")
-            if "mask" not in arrays.files:
-                return arrays["x"], arrays["y"]
-            name, mask = _input_shape(model)[0], getattr(model, "mask_input", None) or "mask"
-            return {name: arrays["x"], mask: arrays["mask"]}, arrays["y"]
-    except (OSError, EOFError) as error:  # not a readable .npz (NumPy's ValueError passes through)
-        raise ValueError(f"data: expected an .npz file with x and y, or an image folder; {str(path)!r}: {error}") from None
+    arrays = read_npz(path, "data", expected="an .npz file with x and y, or an image folder")
+    missing = [key for key in ("x", "y") if key not in arrays]
+    if missing:
+        raise ValueError(f"data: {str(path)!r} must hold arrays 'x' and 'y'; missing {missing} (holds {sorted(arrays)})")
+    if "mask" not in arrays:
+        return arrays["x"], arrays["y"]
+    name, mask = _input_shape(model)[0], getattr(model, "mask_input", None) or "mask"
+    return {name: arrays["x"], mask: arrays["mask"]}, arrays["y"]
 
 
 def check_arrays(x, y, model, classifier):
@@ -422,7 +416,9 @@ class _RestOfEpoch(keras.utils.PyDataset):
     """The batches of a PyDataset from `first` on: the rest of an epoch a kill interrupted."""
 
     def __init__(self, dataset, first):
-        super().__init__()
+        # the wrapped dataset's loading options: its workers still read the rest of the epoch
+        super().__init__(workers=dataset.workers, use_multiprocessing=dataset.use_multiprocessing,
+                         max_queue_size=dataset.max_queue_size)
         self.dataset, self.first = dataset, first
 
     def __len__(self):
@@ -504,6 +500,15 @@ class _ResumableBackup(keras.callbacks.BackupAndRestore):
             super()._load_model()
         except (ValueError, KeyError) as error:  # a half-written record or weights file: the previous backup
             raise OSError(f"{self._training_metadata_path}: {error}") from None
+        recorded = state.get("steps_per_epoch")  # absent from backups written before it was recorded
+        if recorded is not None and recorded != self.steps_per_epoch:
+            # its next batch and step count refer to epochs of the recorded length: resumed on
+            # these, it would land on another batch
+            raise ValueError(
+                f"finetune: the backup in {self.backup_dir!r} is of a run with {recorded} steps per epoch; expected "
+                f"data and batch_size giving {recorded} steps per epoch, received ones giving {self.steps_per_epoch}. "
+                "Re-run with that run's data and batch_size to resume it, or delete the directory to start afresh"
+            )
         self.model._initial_epoch = None  # finetune gives each fit its first epoch
         if int(self.model.optimizer.iterations) != state["step"]:  # files of two backups: a kill between the writes
             raise OSError(f"{self._weights_path} is at step {int(self.model.optimizer.iterations)}, its record at {state['step']}")
@@ -545,6 +550,7 @@ class _ResumableBackup(keras.callbacks.BackupAndRestore):
         model.save_weights(self._weights_path, overwrite=True)
         state = {
             "epoch": self._current_epoch, "next_batch": self._next_batch, "step": int(model.optimizer.iterations),
+            "steps_per_epoch": self.steps_per_epoch,
             "metrics": [keras.ops.convert_to_numpy(v).tolist() for v in model.metrics_variables],
         }
         staged = f"{self._training_metadata_path}.staging"

@@ -18,6 +18,7 @@ import os
 import secrets
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 
 STAGING_TAG = ".kp-staging-"
@@ -195,3 +196,23 @@ def commit(staged, target):
         _remove(aside)
     _fsync(target.parent)
     return target
+
+
+def read_npz(path, argument, expected="an .npz file of arrays"):
+    """The arrays of the .npz at `path` as {name: array}, read whole (a damaged member fails
+    here, not at its first use). ValueError naming `argument`, the `expected` and what was
+    received, for a missing path, one array file (np.save's .npy) or an unreadable file."""
+    import numpy as np
+
+    shown = str(path)
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ValueError(f"{argument}: expected {expected}; received {shown!r}, which does not exist")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded as arrays:
+                return {name: arrays[name] for name in arrays.files}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as error:  # ValueError: NumPy's (a pickle, a bad header)
+        raise ValueError(f"{argument}: expected {expected}; received {shown!r}, not readable as one ({error})") from None
+    raise ValueError(f"{argument}: expected {expected}; received the array file {shown!r} (one array, not an .npz)")

@@ -137,3 +137,20 @@ def test_subcommand_help_lists_choices_and_defaults():
     for name, sub in commands.choices.items():
         for action in sub._actions:
             assert action.help, (name, action.dest)
+
+
+def test_calibration_data_that_is_not_an_npz_of_arrays_is_refused(tmp_path, capsys):
+    import numpy as np
+    import pytest
+
+    from keras_perceiver.cli import main
+
+    np.save(tmp_path / "x.npy", np.zeros((2, 8, 8, 1), "float32"))
+    base = ["export", "perceiver_digits", "--to", "openvino", "--quantize", "int8", "--out", str(tmp_path / "out")]
+    for name, received in (("missing.npz", "which does not exist"), ("x.npy", "received the array file")):
+        with pytest.raises(SystemExit) as stop:
+            main([*base, "--calibration-data", str(tmp_path / name)])
+        error = capsys.readouterr().err
+        assert stop.value.code == 2, error
+        assert "--calibration-data: expected an .npz file of input arrays; received" in error and received in error, error
+    assert not (tmp_path / "out").exists()

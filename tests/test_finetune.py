@@ -188,6 +188,66 @@ def test_a_kill_inside_the_first_backup_starts_afresh(tmp_path, five_digits):
     assert kp.from_preset(str(out)).config.num_classes == 5 and not backup.exists()
 
 
+class _Batches(keras.utils.PyDataset):
+    """`count` batches of 8 from `arrays` (x, y), in order."""
+
+    def __init__(self, arrays, count, **kwargs):
+        super().__init__(**kwargs)
+        self.arrays, self.count = arrays, count
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, index):
+        return tuple(array[8 * index: 8 * index + 8] for array in self.arrays)
+
+
+def test_a_backup_is_refused_on_data_of_another_epoch_length(tmp_path):
+    # a dataset's contents are not in the fingerprint: the steps per epoch the backup records
+    # are what tells another epoch length (its next batch would be another batch)
+    from keras_perceiver.examples import build_small
+
+    source, out = tmp_path / "resampler", tmp_path / "tuned"
+    kp.save_to_preset(build_small("perceiver_resampler", num_media_embeds=None, max_num_frames=None), source)
+    rng = np.random.default_rng(0)
+    arrays = rng.normal(size=(32, 1, 1, 6, 64)).astype("float32"), 0.1 * rng.normal(size=(32, 1, 8, 64)).astype("float32")
+
+    class Stop(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if int(self.model.optimizer.iterations) == 3:
+                raise RuntimeError("stopped at step 3")
+
+    arguments = dict(loss="mse", epochs=2, out=out, backup_every_steps=1, verbose=0)
+    with pytest.raises(RuntimeError, match="stopped at step 3"):
+        kp.finetune(str(source), _Batches(arrays, 4), callbacks=[Stop()], **arguments)
+    assert (backup_dir(out) / "training_metadata.json").is_file()  # backed up at step 3, mid-epoch
+    with pytest.raises(ValueError, match=r"4 steps per epoch; expected data and batch_size giving 4 steps per epoch, "
+                                         r"received ones giving 2\..*delete the directory to start afresh"):
+        kp.finetune(str(source), _Batches(arrays, 2), **arguments)
+    assert not out.exists() and backup_dir(out).is_dir()  # the backup is kept for the right data
+    model, history = kp.finetune(str(source), _Batches(arrays, 4), **arguments)
+    assert history.epoch == [0, 1] and int(model.optimizer.iterations) == 2 * 4  # resumed at batch 3
+    assert not backup_dir(out).exists()
+
+
+def test_the_rest_of_an_epoch_keeps_the_datasets_loading_options():
+    from keras_perceiver.finetuning import _RestOfEpoch
+
+    arrays = np.arange(40)[:, None], np.arange(40)
+    dataset = _Batches(arrays, 5, workers=3, use_multiprocessing=True, max_queue_size=7)
+    rest = _RestOfEpoch(dataset, 2)
+    assert (rest.workers, rest.use_multiprocessing, rest.max_queue_size) == (3, True, 7)
+    assert len(rest) == 3 and np.array_equal(rest[0][1], np.arange(16, 24))  # batch 2 on
+
+
+def test_npz_data_that_cannot_be_read_is_refused_naming_it(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_text("not an npz")
+    with pytest.raises(ValueError, match=r"^data: expected an \.npz file with x and y, or an image folder; "
+                                         r"received '.*bad\.npz', not readable as one"):
+        kp.finetune(PRESET, bad, verbose=0)
+
+
 def test_array_batches_follow_the_seed_and_epoch_and_split_over_the_devices():
     from keras_perceiver.finetuning import _cut_for_devices, _EpochBatches
 

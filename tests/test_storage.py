@@ -206,3 +206,35 @@ def test_broken_preset_files_get_errors_naming_them(tmp_path, small_model):
         kp.from_preset(str(directory))
     with pytest.raises(ValueError, match="received the file"):
         kp.from_preset(str(directory / "metadata.json"))
+
+
+def test_read_npz_returns_the_arrays_and_refuses_what_is_not_an_npz(tmp_path):
+    from keras_perceiver.storage import read_npz
+
+    images, mask = np.arange(6, dtype="float32").reshape(2, 3), np.ones((2, 3), bool)
+    np.savez(tmp_path / "good.npz", x=images, mask=mask)
+    arrays = read_npz(tmp_path / "good.npz", "--data")
+    assert sorted(arrays) == ["mask", "x"]
+    np.testing.assert_array_equal(arrays["x"], images)
+    np.testing.assert_array_equal(arrays["mask"], mask)
+
+    np.save(tmp_path / "one.npy", images)
+    (tmp_path / "text.npz").write_text("not an npz")
+    (tmp_path / "empty.npz").write_bytes(b"")
+    zipped = (tmp_path / "good.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(zipped[: len(zipped) // 2])  # a truncated archive
+    expected = "--data: expected an .npz file of arrays; received "
+    cases = {
+        "missing.npz": ", which does not exist",
+        "one.npy": "the array file",
+        "text.npz": ", not readable as one",
+        "empty.npz": ", not readable as one",
+        "cut.npz": ", not readable as one",
+    }
+    for name, received in cases.items():
+        with pytest.raises(ValueError) as refused:
+            read_npz(tmp_path / name, "--data")
+        message = str(refused.value)
+        assert message.startswith(expected) and received in message and name in message, message
+    with pytest.raises(ValueError, match=r"^data: expected an \.npz of x and y; received '.*text\.npz', not readable"):
+        read_npz(str(tmp_path / "text.npz"), "data", expected="an .npz of x and y")
