@@ -198,13 +198,16 @@ def attention(
     key, value = _grouped_heads(key, query), _grouped_heads(value, query)
     num_keys = key.shape[1]
     chunk_size = chunk_size or _chunk_size(query, num_keys, score_budget_bytes)
-    if chunk_size and num_keys is not None and num_keys > chunk_size:
-        out = _chunked_attention(_even_width(query), _even_width(key), value, _mask_bias(mask), scale, chunk_size)
-    elif query.shape[-1] == value.shape[-1] and not _half_on_jax(query):
+    chunked = bool(chunk_size) and num_keys is not None and num_keys > chunk_size
+    if not chunked and query.shape[-1] == value.shape[-1] and not _half_on_jax(query):
         key, value = _heads_of(key, query), _heads_of(value, query)
         out = ops.dot_product_attention(query, key, value, mask=mask, scale=scale)
     else:
-        out = _explicit_attention(_even_width(query), _even_width(key), value, _mask_bias(mask), scale)
+        query, key = _even_width(query), _even_width(key)
+        if chunked:
+            out = _chunked_attention(query, key, value, _mask_bias(mask), scale, chunk_size)
+        else:
+            out = _explicit_attention(query, key, value, _mask_bias(mask), scale)
 
     if row_has_key is not None:
         keep = ops.transpose(row_has_key, (0, 2, 1, 3))  # (B, Tq|1, 1, 1)
