@@ -307,6 +307,7 @@ def _convert(args, parser):
 
 def _export(args, parser):
     from keras_perceiver.converters import export_all, format_reports
+    from keras_perceiver.converters.artefacts import PRIMARY_INPUT
 
     targets = [t.strip() for t in args.to.split(",") if t.strip()]
     unknown = [t for t in targets if t not in ROUTES]
@@ -320,9 +321,9 @@ def _export(args, parser):
             stored = read_npz(args.calibration_data, "--calibration-data", expected="an .npz file of input arrays")
         except ValueError as error:
             parser.error(str(error))
-        # "x" is the primary input ("" to export_all; alone, a bare array); other keys name inputs
-        calibration = {("" if k == "x" else k): array for k, array in stored.items()}
-        calibration = calibration.pop("", None) if list(calibration) == [""] else calibration
+        # "x" is the primary input (alone, a bare array); other keys name inputs
+        calibration = {(PRIMARY_INPUT if k == "x" else k): array for k, array in stored.items()}
+        calibration = calibration.pop(PRIMARY_INPUT) if list(calibration) == [PRIMARY_INPUT] else calibration
     reports = export_all(args.preset, targets, args.out, quantize=args.quantize, overwrite=args.overwrite,
                          random_weights=args.random_weights, calibration_data=calibration)
     print(format_reports(reports))

@@ -18,7 +18,7 @@ import pytest
 import keras_perceiver
 from keras_perceiver import presets, storage
 from keras_perceiver.converters import ROUTES, export, export_all
-from keras_perceiver.converters import artefacts
+from keras_perceiver.converters import artefacts, openvino_ir
 from keras_perceiver.converters.artefacts import ExportVerificationError, metadata_path, read_metadata
 from keras_perceiver.examples import SMALL_MODELS, build_small
 
@@ -221,7 +221,7 @@ def test_openvino_int8_calibrates_on_example_inputs_by_default(tmp_path):
     assert 1e-4 < report.max_rel_error <= artefacts.QUANTIZED_ERROR_BOUNDS["int8"]  # int8 shows, within the bound
     # products with a weight in int8; attention's products of two activations left in floating point
     export(model, "openvino", tmp_path / "float.xml")
-    between_activations = artefacts._products_of_activations(ov.Core().read_model(str(tmp_path / "float.xml")))
+    between_activations = openvino_ir.products_of_activations(ov.Core().read_model(str(tmp_path / "float.xml")))
     ir = ov.Core().read_model(str(tmp_path / "r.xml"))
     quantized = {op.get_friendly_name(): any(v.get_node().get_type_name() == "FakeQuantize" for v in op.input_values())
                  for op in ir.get_ordered_ops() if op.get_type_name() == "MatMul"}
@@ -283,11 +283,11 @@ def test_openvino_einsums_become_matmuls(equation, lhs_shape, rhs_shape, rewritt
     ov = pytest.importorskip("openvino", reason="needs the export extra (openvino)")
     import openvino.opset13 as opset
 
-    from keras_perceiver.converters.artefacts import _einsums_as_matmuls
+    from keras_perceiver.converters.openvino_ir import einsums_as_matmuls
 
     lhs, rhs = opset.parameter(lhs_shape, np.float32), opset.parameter(rhs_shape, np.float32)
     model = ov.Model([opset.einsum([lhs, rhs], equation)], [lhs, rhs])
-    assert _einsums_as_matmuls(model) == int(rewritten)
+    assert einsums_as_matmuls(model) == int(rewritten)
     assert ("Einsum" in [op.get_type_name() for op in model.get_ordered_ops()]) != rewritten
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=lhs_shape).astype("float32"), rng.normal(size=rhs_shape).astype("float32")
@@ -303,12 +303,12 @@ def test_openvino_key_transposes_move_into_the_matmul(heads, rewritten):
     ov = pytest.importorskip("openvino", reason="needs the export extra (openvino)")
     import openvino.opset13 as opset
 
-    from keras_perceiver.converters.artefacts import _transposes_into_matmuls
+    from keras_perceiver.converters.openvino_ir import transposes_into_matmuls
 
     query, key = opset.parameter([-1, heads, 5, 7], np.float32), opset.parameter([-1, 9, heads, 7], np.float32)
     keys_last = opset.transpose(key, opset.constant(np.array([0, 2, 3, 1])))
     model = ov.Model([opset.matmul(query, keys_last, False, False)], [query, key])
-    assert _transposes_into_matmuls(model) == int(rewritten)
+    assert transposes_into_matmuls(model) == int(rewritten)
     matmul = next(op for op in model.get_ordered_ops() if op.get_type_name() == "MatMul")
     assert matmul.get_attributes()["transpose_b"] == rewritten
     rng = np.random.default_rng(0)
@@ -556,12 +556,12 @@ def test_openvino_precision_is_stored_in_the_ir_and_its_effect_found_out(tmp_pat
     for precision in ("f32", "bf16"):
         x = opset.parameter([2, 8], np.float32)
         model = ov.Model([opset.matmul(x, opset.constant(np.ones((8, 4), np.float32)), False, False)], [x])
-        artefacts.set_openvino_precision(model, precision)
+        openvino_ir.set_precision(model, precision)
         xml = tmp_path / f"{precision}.xml"
         ov.save_model(model, str(xml), compress_to_fp16=False)
         assert core.read_model(str(xml)).get_rt_info(["runtime_options", "INFERENCE_PRECISION_HINT"]).astype(str) == precision
         read_back = ov.Core().compile_model(str(xml), "CPU").get_property("INFERENCE_PRECISION_HINT").to_string()
-        condition = artefacts.openvino_runtime_condition(xml, precision)
+        condition = openvino_ir.runtime_condition(xml, precision)
         verified = precision if precision == "f32" or bf16_units else "f32"
         assert condition["default_compile_precision"] == read_back and condition["verified_precision"] == verified
         assert condition["compile_config"] == {"INFERENCE_PRECISION_HINT": precision}

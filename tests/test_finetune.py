@@ -231,11 +231,11 @@ def test_a_backup_is_refused_on_data_of_another_epoch_length(tmp_path):
 
 
 def test_the_rest_of_an_epoch_keeps_the_datasets_loading_options():
-    from keras_perceiver.finetuning import _RestOfEpoch
+    from keras_perceiver.resumable_fit import RestOfEpoch
 
     arrays = np.arange(40)[:, None], np.arange(40)
     dataset = _Batches(arrays, 5, workers=3, use_multiprocessing=True, max_queue_size=7)
-    rest = _RestOfEpoch(dataset, 2)
+    rest = RestOfEpoch(dataset, 2)
     assert (rest.workers, rest.use_multiprocessing, rest.max_queue_size) == (3, True, 7)
     assert len(rest) == 3 and np.array_equal(rest[0][1], np.arange(16, 24))  # batch 2 on
 
@@ -249,7 +249,7 @@ def test_npz_data_that_cannot_be_read_is_refused_naming_it(tmp_path):
 
 
 def test_array_batches_follow_the_seed_and_epoch_and_split_over_the_devices():
-    from keras_perceiver.finetuning import _cut_for_devices, _EpochBatches
+    from keras_perceiver.resumable_fit import EpochBatches, cut_for_devices
 
     x, y = np.arange(54, dtype="float32")[:, None], np.arange(54)
 
@@ -257,21 +257,21 @@ def test_array_batches_follow_the_seed_and_epoch_and_split_over_the_devices():
         batches.epoch = number
         return [batches[i] for i in range(len(batches))]
 
-    on_four = _EpochBatches(({"inputs": x}, y), 16, seed=3, multiple_of=4)
+    on_four = EpochBatches(({"inputs": x}, y), 16, seed=3, multiple_of=4)
     first = epoch(on_four, 0)
     # 54 = 3 x 16 + 6: the last batch cut to 4, a multiple of the devices
     assert [len(labels) for _, labels in first] == [16, 16, 16, 4]
     labels = np.concatenate([labels for _, labels in first])
     assert len(set(labels)) == 52 and all(np.array_equal(x["inputs"][:, 0], y) for x, y in first)
     # another object (as in a resumed process) gives the same order; the next epoch another
-    again = epoch(_EpochBatches(({"inputs": x}, y), 16, seed=3, multiple_of=4), 0)
+    again = epoch(EpochBatches(({"inputs": x}, y), 16, seed=3, multiple_of=4), 0)
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(first, again))
     assert not np.array_equal(np.concatenate([labels for _, labels in epoch(on_four, 1)]), labels)
-    assert [len(labels) for _, labels in epoch(_EpochBatches((x, y), 16, seed=3), 0)] == [16, 16, 16, 6]
-    kept = _cut_for_devices((x[:18], y[:18]), 16, 4)
+    assert [len(labels) for _, labels in epoch(EpochBatches((x, y), 16, seed=3), 0)] == [16, 16, 16, 6]
+    kept = cut_for_devices((x[:18], y[:18]), 16, 4)
     assert len(kept[0]) == len(kept[1]) == 16
     with pytest.raises(ValueError, match="expected at least 4 training examples, one per data-parallel device; received 3"):
-        _EpochBatches((x[:3], y[:3]), 4, seed=0, multiple_of=4)
+        EpochBatches((x[:3], y[:3]), 4, seed=0, multiple_of=4)
 
 
 def test_from_scratch_trains_the_presets_config_from_fresh_weights(tmp_path, npz):
@@ -353,7 +353,7 @@ def _small_language_preset(directory):
 
 
 def test_masked_byte_windows_mask_a_seeded_share_of_the_real_tokens_and_never_padding():
-    from keras_perceiver.finetuning import MASK_ID, PAD_ID, encode_bytes, masked_byte_windows, masked_positions
+    from keras_perceiver.finetune_data import MASK_ID, PAD_ID, encode_bytes, masked_byte_windows, masked_positions
 
     assert encode_bytes("aé").tolist() == [ord("a") + 6, 0xC3 + 6, 0xA9 + 6]  # UTF-8 bytes offset by the specials
     tokens = encode_bytes("x" * 100 + "yz" * 50)  # 200 tokens: 3 full windows of 64 and 8 real in the last
@@ -375,7 +375,7 @@ def test_masked_byte_windows_mask_a_seeded_share_of_the_real_tokens_and_never_pa
 
 
 def test_masked_byte_finetuning_on_a_text_file_counts_only_the_masked_positions(tmp_path):
-    from keras_perceiver.finetuning import encode_bytes, masked_byte_windows, masked_positions
+    from keras_perceiver.finetune_data import encode_bytes, masked_byte_windows, masked_positions
 
     source = _small_language_preset(tmp_path / "language")
     corpus = tmp_path / "corpus.txt"
